@@ -1,0 +1,3 @@
+"""maskmix platform layer: config, artifact contracts, storage, tracking, cluster, CLI."""
+
+__version__ = "0.1.0"

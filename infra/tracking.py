@@ -1,0 +1,159 @@
+"""MLflow for every stage: one run per stage invocation, children under a parent for multi-stage jobs.
+
+Stages call the module functions below (``log_params``, ``log_metrics``, ``log_json`` ...). They act
+on the active run and do nothing when there is none, so library code (a trainer used inside a
+mixing sweep, a test) never needs to know whether tracking is on.
+
+Secrets never reach MLflow: parameter and tag values whose key looks like a secret are masked,
+and any value equal to a known secret (taken from the environment and the config) is masked too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import tempfile
+from typing import Any, Iterator
+
+import mlflow
+
+from infra.config import TrackingConfig
+
+log = logging.getLogger(__name__)
+
+REDACTED = "***"
+_SECRET_KEY = re.compile(r"(secret|password|passwd|token|api[_-]?key|access[_-]?key|credential|private[_-]?key)", re.I)
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN",
+               "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "HF_TOKEN")
+_extra_secrets: set[str] = set()
+
+
+def register_secret(value: str | None) -> None:
+    """Remember a secret value so that it is masked wherever it would be logged."""
+    if value and len(value) >= 4:
+        _extra_secrets.add(value)
+
+
+def _known_secrets() -> set[str]:
+    found = {os.environ[n] for n in _SECRET_ENV if len(os.environ.get(n, "")) >= 4}
+    return found | _extra_secrets
+
+
+def redact_text(text: str) -> str:
+    for secret in _known_secrets():
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """Mask secrets in a nested structure of dicts/lists/scalars."""
+    if key and _SECRET_KEY.search(key) and value not in (None, "", False):
+        return REDACTED
+    if isinstance(value, dict):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v) for v in value]
+    if isinstance(value, str):
+        return redact_text(value)
+    return value
+
+
+class RedactingFilter(logging.Filter):
+    """Masks known secret values in every log record that passes through a handler."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        clean = redact_text(msg)
+        if clean != msg:
+            record.msg, record.args = clean, None
+        return True
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def configure(cfg: TrackingConfig) -> None:
+    """Point MLflow at the configured store and experiment (creating the experiment if needed)."""
+    mlflow.set_tracking_uri(cfg.uri)
+    mlflow.set_experiment(cfg.experiment)
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: dict | None = None, tags: dict | None = None,
+              run_name: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """A run for one stage invocation; nested under the active run if there is one.
+
+    The run ends FINISHED on success and FAILED on an exception (which propagates).
+    """
+    parent = mlflow.active_run()
+    all_tags = {"maskmix.stage": stage, **(tags or {})}
+    with mlflow.start_run(run_name=run_name or stage, nested=parent is not None, tags=redact(all_tags)) as run:
+        if params:
+            log_params(params)
+        yield run
+
+
+def active_run_id() -> str | None:
+    run = mlflow.active_run()
+    return run.info.run_id if run else None
+
+
+def log_params(params: dict) -> None:
+    if mlflow.active_run() is None:
+        return
+    flat = flatten(redact(params))
+    # MLflow caps a param value at 6000 chars; a long list is still useful truncated.
+    mlflow.log_params({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) if not isinstance(v, str) else v[:6000]
+                       for k, v in flat.items()})
+
+
+def set_tags(tags: dict) -> None:
+    if mlflow.active_run() is not None:
+        mlflow.set_tags(redact(tags))
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    if mlflow.active_run() is None:
+        return
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_json(obj: Any, artifact_file: str) -> None:
+    if mlflow.active_run() is not None:
+        mlflow.log_dict(redact(obj), artifact_file)
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    if mlflow.active_run() is not None:
+        mlflow.log_text(redact_text(text), artifact_file)
+
+
+def log_file(local_path: str, artifact_path: str | None = None) -> None:
+    if mlflow.active_run() is not None:
+        mlflow.log_artifact(local_path, artifact_path)
+
+
+def log_bytes(data: bytes, artifact_file: str) -> None:
+    """Log bytes (e.g. an artifact that lives on S3) under ``artifact_file``."""
+    if mlflow.active_run() is None:
+        return
+    directory, name = os.path.split(artifact_file)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        mlflow.log_artifact(path, directory or None)

@@ -1,0 +1,1 @@
+"""maskmix mixture optimizer: baselines, DoReMi and data mixing laws with diffusion proxies."""

@@ -1,0 +1,1 @@
+"""maskmix corpus pipeline: Ray Data stages from raw documents to tokenized shards."""
