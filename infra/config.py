@@ -14,6 +14,7 @@ Environment variables read:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -186,8 +187,18 @@ class CorpusConfig(_Section):
 
 
 class DemoConfig(_Section):
+    """The knobs of `maskmix demo`; every stage config it runs is derived from these."""
+
     output_dir: str = "demo-out"
     corpus: CorpusConfig = CorpusConfig()
+    min_words: int = Field(20, ge=0, description="word-count filter threshold for the harvested text")
+    vocab_size: int = Field(2048, ge=64)
+    mixture: Literal["natural", "uniform"] = Field("natural", description="the mixture the demo trains on")
+    model_preset: str = "tiny"
+    seq_len: int = Field(128, gt=1)
+    train_steps: int = Field(150, gt=0)
+    micro_batch_size: int = Field(16, gt=0)
+    eval_docs_per_domain: int = Field(32, gt=0)
 
 
 # --------------------------------------------------------------------------- whole file
@@ -242,7 +253,9 @@ def _apply_set(data: dict, assignment: str) -> None:
         raise ConfigError(f"--set {assignment!r}: empty key segment")
     node = data
     for part in path[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or declared empty in YAML (`eval:` is null)
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"--set {assignment!r}: {part} is not a section")
     node[path[-1]] = yaml.safe_load(raw)  # "100" -> 100, "true" -> True, "[a,b]" -> list
@@ -253,7 +266,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {loc}: unknown key (check the spelling; see `maskmix config-schema`)")
+            lines.append(f"  {loc}: unknown key (check the spelling; see `maskmix config schema`)")
         elif e["type"] == "missing":
             lines.append(f"  {loc}: required key is missing")
         else:
@@ -263,7 +276,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
 
 def parse_config(data: dict | None, source: str = "<config>", overrides: list[str] | None = None,
                  use_env: bool = True) -> MaskmixConfig:
-    data = dict(data or {})
+    data = copy.deepcopy(data or {})  # env and --set write into nested sections: never the caller's dict
     if use_env:
         _apply_env(data)
     for assignment in overrides or []:

@@ -266,6 +266,8 @@ def load_artifact(cls: type[A], uri: str, storage=None) -> A:
         raw = storage.read_bytes(uri)
     except FileNotFoundError:
         raise ContractError(f"{uri}: no such {cls.__name__} file") from None
+    except IsADirectoryError:
+        raise ContractError(f"{uri}: is a directory, not a {cls.__name__} file") from None
     return parse_artifact(cls, raw, uri)
 
 

@@ -105,6 +105,8 @@ class Storage:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(uri)
+        if info.type == pafs.FileType.Directory:
+            raise IsADirectoryError(uri)
         with fs.open_input_stream(path) as f:
             return f.read()
 
@@ -124,8 +126,9 @@ class Storage:
         os.replace(tmp, path)
 
     def open_input(self, uri: str):
+        """The raw bytes of ``uri`` as a stream (no decompression by suffix: callers decide)."""
         fs, path = self.filesystem(uri)
-        return fs.open_input_stream(path)
+        return fs.open_input_stream(path, compression=None)
 
     def open_input_file(self, uri: str):
         """Random-access file (what Parquet readers want)."""

@@ -15,6 +15,8 @@ import json
 from typing import Any, Iterator
 
 import pyarrow.parquet as pq
+import zstandard
+from zstandard import ZstdError as _ZstdError
 
 from infra.config import InputSpec, StorageConfig
 from infra.contracts import QUARANTINE_RAW_CHARS
@@ -80,8 +82,6 @@ def _open_text_stream(uri: str, storage: Storage) -> io.BufferedIOBase:
     if uri.endswith(".gz"):
         return gzip.GzipFile(fileobj=stream)
     if uri.endswith(".zst"):
-        import zstandard
-
         return zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True)
     return stream
 
@@ -119,7 +119,7 @@ def iter_jsonl_rows(uri: str, spec: InputSpec, storage: Storage) -> Iterator[dic
                     yield _bad(source, "invalid_json", decoded)
                     continue
                 yield record_to_row(record, source, spec)
-    except (OSError, EOFError, ValueError) as e:
+    except (OSError, EOFError, ValueError, _ZstdError) as e:
         # A truncated or corrupt compressed file: keep what was read, quarantine the rest.
         yield _bad(f"{uri}#L{line_no + 1}", "corrupt_file", f"{type(e).__name__}: {e}")
 

@@ -1,0 +1,170 @@
+"""`maskmix` command line: one verb per stage, each reading one YAML config.
+
+    maskmix pipeline run CONFIG   raw corpora -> shards + manifest.json
+    maskmix mix CONFIG            manifest -> mixture.json
+    maskmix train CONFIG          manifest + mixture -> checkpoint (+ per-domain eval)
+    maskmix eval CONFIG           checkpoint -> per-domain NELBO, perplexity bound, bits/byte
+    maskmix demo                  all of the above on a corpus harvested from this machine
+
+Every verb takes ``--set key.path=value`` overrides. Errors in config or artifacts print one
+clear message and exit with status 2; nothing is half-done before the config is validated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from infra.errors import MaskmixError
+
+app = typer.Typer(help=__doc__.split("\n\n")[0] + "\n\nmaskmix: data pipeline, mixture optimizer and "
+                  "trainer for masked-diffusion language models.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+pipeline_app = typer.Typer(help="Corpus pipelines on Ray Data.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect configuration.", no_args_is_help=True)
+app.add_typer(pipeline_app, name="pipeline")
+app.add_typer(config_app, name="config")
+
+ConfigArg = typer.Argument(..., exists=False, help="YAML config file (see configs/).")
+SetOpt = typer.Option(None, "--set", help="Override a config value, e.g. --set train.steps=100 (repeatable).")
+
+
+def _setup_logging(verbose: bool) -> None:
+    from infra.tracking import RedactingFilter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactingFilter())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def _load(config: Optional[Path], overrides: Optional[list[str]]):
+    from infra import tracking
+    from infra.config import load_config
+
+    cfg = load_config(config, overrides or [])
+    for secret in (cfg.storage.access_key_id, cfg.storage.secret_access_key, cfg.storage.session_token):
+        if secret is not None:
+            tracking.register_secret(secret.get_secret_value())
+    tracking.configure(cfg.tracking)
+    return cfg
+
+
+def _fail(err: Exception) -> None:
+    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@pipeline_app.command("run")
+def pipeline_run(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt,
+                 verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level.")):
+    """Read, clean, deduplicate, tokenize and shard the corpora of the `pipeline:` section."""
+    _setup_logging(verbose)
+    try:
+        from infra.stages import run_pipeline_stage
+
+        cfg = _load(config, set_)
+        manifest, uri = run_pipeline_stage(cfg)
+    except MaskmixError as e:
+        _fail(e)
+    typer.echo(f"manifest: {uri}")
+    for name, shards in sorted(manifest.domains.items()):
+        typer.echo(f"  {name:<16} {shards.rows('train'):>8} train docs {shards.tokens('train'):>10} tokens "
+                   f"{shards.rows('validation'):>6} validation docs")
+
+
+@app.command()
+def mix(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt):
+    """Compute a mixture (the `mix:` section: natural or uniform) and write mixture.json."""
+    _setup_logging(False)
+    try:
+        from infra.stages import run_mix_stage
+
+        mixture = run_mix_stage(_load(config, set_))
+    except MaskmixError as e:
+        _fail(e)
+    typer.echo(json.dumps(mixture.weights, indent=2, sort_keys=True))
+
+
+@app.command()
+def train(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt,
+          verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level.")):
+    """Train a masked-diffusion model on DeepSpeed (the `train:` section); resumes from its output_dir."""
+    _setup_logging(verbose)
+    try:
+        from infra.stages import run_train_stage
+
+        result = run_train_stage(_load(config, set_))
+    except MaskmixError as e:
+        _fail(e)
+    typer.echo(f"checkpoint: {result.checkpoint_dir}  steps: {result.steps}  final loss: {result.final_loss:.4f}")
+
+
+@app.command("eval")
+def evaluate(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt,
+             checkpoint: Optional[str] = typer.Option(None, help="Checkpoint folder (default: train.output_dir)."),
+             manifest: Optional[str] = typer.Option(None, help="manifest.json (default: train.manifest).")):
+    """Per-domain NELBO (nats/token, perplexity bound, bits/byte, 95% interval) of a checkpoint."""
+    _setup_logging(False)
+    try:
+        from infra.stages import run_eval_stage
+
+        results = run_eval_stage(_load(config, set_), checkpoint, manifest)
+    except MaskmixError as e:
+        _fail(e)
+    from infra.demo import format_eval_table
+
+    typer.echo(format_eval_table(results))
+
+
+@app.command()
+def demo(config: Optional[Path] = typer.Option(None, help="Optional YAML to adjust the demo (see configs/demo.yaml)."),
+         set_: Optional[list[str]] = SetOpt,
+         output_dir: Optional[str] = typer.Option(None, help="Where the demo writes (default demo-out/)."),
+         verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level.")):
+    """Harvest a real corpus from this Python install, then run pipeline -> mix -> train -> eval."""
+    _setup_logging(verbose)
+    try:
+        from infra.demo import run_demo
+
+        overrides = list(set_ or []) + ([f"demo.output_dir={output_dir}"] if output_dir else [])
+        run_demo(_load(config, overrides))
+    except MaskmixError as e:
+        _fail(e)
+
+
+@config_app.command("show")
+def config_show(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt):
+    """Print the resolved config (file + environment + --set), secrets masked."""
+    try:
+        from infra.config import load_config
+
+        cfg = load_config(config, set_ or [])
+    except MaskmixError as e:
+        _fail(e)
+    import yaml
+
+    typer.echo(yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True), sort_keys=False))
+
+
+@config_app.command("schema")
+def config_schema():
+    """Print the JSON schema of a config file (every key, type, default and description)."""
+    from infra.config import MaskmixConfig
+
+    typer.echo(json.dumps(MaskmixConfig.model_json_schema(), indent=2))
+
+
+def main() -> None:  # python -m infra.cli
+    app()
+
+
+if __name__ == "__main__":
+    main()

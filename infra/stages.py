@@ -1,0 +1,74 @@
+"""Each stage as one call: config in, artifact out, one MLflow run (a child when a parent is active).
+
+The CLI and the demo both go through these, so a stage behaves the same whether it is run alone,
+as part of the demo, or (later) as a Ray job. Stage packages are imported lazily: ``infra`` sits
+below them in the import graph, and a `maskmix --help` should not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from infra import tracking
+from infra.config import MaskmixConfig, config_hash
+from infra.storage import Storage
+
+
+def run_pipeline_stage(cfg: MaskmixConfig, progress: Callable[[str], None] = print):
+    from pipelines.run import run_pipeline
+
+    return run_pipeline(cfg.require("pipeline"), cfg.storage, cfg.ray, progress)
+
+
+def run_mix_stage(cfg: MaskmixConfig):
+    from mixing.baselines import run_mix
+
+    return run_mix(cfg.require("mix"), cfg.storage)
+
+
+def run_train_stage(cfg: MaskmixConfig, progress: Callable[[str], None] = print):
+    """Train, then evaluate per domain on the validation split; both logged in one 'train' run."""
+    from training.trainer import train
+
+    train_cfg = cfg.require("train")
+    with tracking.stage_run("train", params=train_cfg.model_dump(mode="json"),
+                            tags={"maskmix.config_hash": config_hash(train_cfg),
+                                  "maskmix.manifest": train_cfg.manifest,
+                                  "maskmix.mixture": train_cfg.mixture or "natural"}):
+        result = train(train_cfg, storage=Storage(cfg.storage), progress=progress)
+        tracking.set_tags({"maskmix.checkpoint": result.checkpoint_dir})
+    return result
+
+
+def run_eval_stage(cfg: MaskmixConfig, checkpoint: str | None = None, manifest: str | None = None):
+    """Per-domain NELBO evaluation of a checkpoint; logs eval/<domain>/* metrics."""
+    from infra.contracts import load_manifest
+    from training.evaluate import evaluate, load_model, log_eval
+
+    eval_cfg = cfg.eval or (cfg.train.eval if cfg.train else None)
+    if eval_cfg is None:
+        from infra.config import EvalConfig
+
+        eval_cfg = EvalConfig()
+    checkpoint = checkpoint or eval_cfg.checkpoint or (cfg.train.output_dir if cfg.train else None)
+    manifest_uri = manifest or eval_cfg.manifest or (cfg.train.manifest if cfg.train else None)
+    if not checkpoint or not manifest_uri:
+        from infra.errors import ConfigError
+
+        raise ConfigError("eval needs a checkpoint and a manifest (eval.checkpoint/eval.manifest or a train: section)")
+    storage = Storage(cfg.storage)
+    manifest_obj = load_manifest(manifest_uri, storage)
+    with tracking.stage_run("eval", params={"checkpoint": checkpoint, "manifest": manifest_uri,
+                                            **eval_cfg.model_dump(mode="json")}):
+        model, args = load_model(checkpoint)
+        results = evaluate(model, manifest_obj, _parent(manifest_uri), eval_cfg, seq_len=args.max_seq_len,
+                           storage=storage)
+        log_eval(results)
+    return results
+
+
+def _parent(uri: str) -> str:
+    import os
+    import posixpath
+
+    return posixpath.dirname(uri) if uri.startswith("s3://") else os.path.dirname(os.path.abspath(uri))
