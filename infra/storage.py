@@ -88,6 +88,8 @@ class Storage:
             if cfg.access_key_id and cfg.secret_access_key:
                 kwargs["aws_access_key_id"] = cfg.access_key_id.get_secret_value()
                 kwargs["aws_secret_access_key"] = cfg.secret_access_key.get_secret_value()
+                if cfg.session_token:
+                    kwargs["aws_session_token"] = cfg.session_token.get_secret_value()
         return boto3.client("s3", **kwargs)
 
     # ------------------------------------------------------------------ operations
@@ -121,9 +123,14 @@ class Storage:
                 f.write(data)
             return
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with fs.open_output_stream(tmp) as f:
-            f.write(data)
-        os.replace(tmp, path)
+        try:
+            with fs.open_output_stream(tmp) as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
 
     def open_input(self, uri: str):
         """The raw bytes of ``uri`` as a stream (no decompression by suffix: callers decide)."""

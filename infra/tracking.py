@@ -25,7 +25,10 @@ from infra.config import TrackingConfig
 log = logging.getLogger(__name__)
 
 REDACTED = "***"
-_SECRET_KEY = re.compile(r"(secret|password|passwd|token|api[_-]?key|access[_-]?key|credential|private[_-]?key)", re.I)
+# "token" alone is a secret (api_token, RAY_AUTH_TOKEN), but an LM config is full of tokens that are
+# not: tokenizer, n_tokens, tokens_seen, mask_token_id.
+_SECRET_KEY = re.compile(r"(secret|password|passwd|token(?!s|i[sz]|_?ids?(?![a-z]))|api[_-]?key|access[_-]?key"
+                         r"|credential|private[_-]?key)", re.I)
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN",
                "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "HF_TOKEN")
 _extra_secrets: set[str] = set()
@@ -43,7 +46,8 @@ def _known_secrets() -> set[str]:
 
 
 def redact_text(text: str) -> str:
-    for secret in _known_secrets():
+    # Longest first: a secret that contains another must not be left half-masked.
+    for secret in sorted(_known_secrets(), key=len, reverse=True):
         text = text.replace(secret, REDACTED)
     return text
 

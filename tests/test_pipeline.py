@@ -79,7 +79,7 @@ def _write_hostile_inputs(folder: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory, ray_session):
+def pipeline_run(tmp_path_factory, ray_session, module_mlflow):
     root = tmp_path_factory.mktemp("pipeline")
     (root / "in").mkdir()
     planted = _write_hostile_inputs(root / "in")
@@ -178,7 +178,7 @@ def test_rerun_is_deterministic(pipeline_run):
 
 
 @pytest.mark.slow
-def test_gzip_and_parquet_inputs_and_fixed_domain(tmp_path, ray_session):
+def test_gzip_and_parquet_inputs_and_fixed_domain(tmp_path, ray_session, mlflow_uri):
     import pyarrow as pa
 
     text = " ".join(f"word{i}" for i in range(30))

@@ -1,0 +1,200 @@
+"""Shared fixtures for the whole suite: an isolated environment, MLflow on a fresh sqlite file,
+one embedded Ray per session, and an S3 server (moto) on loopback.
+
+The environment is fixed when this module is imported, i.e. before any test module imports
+ray or mlflow, so nothing a developer has exported (credentials, a cluster address, a tracking
+server) can leak into a test or be written to by one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import sqlite3
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# --------------------------------------------------------------------------- environment
+
+# Variables that point a test at something real (a cluster, a tracking server, an AWS account).
+_LEAKY_PREFIXES = ("AWS_",)
+_LEAKY_NAMES = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "RAY_ADDRESS",
+                "MLFLOW_ENABLE_ASYNC_LOGGING")
+# MLflow exports these itself (set_tracking_uri, set_experiment) "for subprocesses"; a test that
+# leaves them behind points every later test at its deleted store or at an experiment id that
+# does not exist there.
+_MLFLOW_EXPORTED = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+
+_ISOLATED_ENV = {
+    "RAY_AUTH_MODE": "disabled",  # tests only talk to loopback; no test here exercises Ray auth
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    # With the real AWS_* variables gone, botocore and pyarrow would otherwise probe the EC2
+    # metadata endpoint for credentials (a timeout per client without explicit keys).
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+def _isolate_environment() -> None:
+    for name in list(os.environ):
+        if name.startswith(_LEAKY_PREFIXES) or name in _LEAKY_NAMES:
+            del os.environ[name]
+    os.environ.update(_ISOLATED_ENV)
+    # The DeepSpeed JIT build (cpu_adam ...) is cached across runs, inside the repo's ignored .cache.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
+
+
+_isolate_environment()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_environment():
+    """Session-wide: the isolation above is in place for every test (re-applied if a plugin undid it)."""
+    _isolate_environment()
+    yield
+
+
+# --------------------------------------------------------------------------- markers
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except Exception:  # torch missing or broken: no GPU tests either way
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in gpu_items:
+        item.add_marker(skip)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- MLflow
+
+
+@pytest.fixture(scope="session")
+def _mlflow_template_db(tmp_path_factory) -> Path:
+    """One sqlite DB with MLflow's Alembic migrations applied (several seconds), copied per test."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()  # creates and migrates
+    return path
+
+
+@contextlib.contextmanager
+def _fresh_mlflow_store(directory: Path, template: Path):
+    """A copy of the migrated template DB at ``directory`` as MLflow's tracking URI; artifacts stay there."""
+    import mlflow
+    import mlflow.tracking.fluent as fluent
+
+    db = directory / "mlflow.db"
+    shutil.copyfile(template, db)
+    artifact_root = directory / "mlruns"
+    # The template's Default experiment points at the template's folder; new experiments use the
+    # store's default root, which is ./mlruns of the working directory unless this is set.
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                     (str(artifact_root / "0"),))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("_MLFLOW_SERVER_ARTIFACT_ROOT", str(artifact_root))
+        for name in _MLFLOW_EXPORTED:  # recorded as absent, so monkeypatch removes what MLflow sets
+            mp.delenv(name, raising=False)
+        uri = f"sqlite:///{db}"
+        mlflow.set_tracking_uri(uri)
+        fluent._active_experiment_id = None  # an experiment id from another test's DB means nothing here
+        try:
+            yield uri
+        finally:
+            while mlflow.active_run() is not None:
+                mlflow.end_run()
+            fluent._active_experiment_id = None
+            mlflow.set_tracking_uri(None)  # later tests without this fixture do not write to a dead store
+            for name in _MLFLOW_EXPORTED:
+                os.environ.pop(name, None)
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, _mlflow_template_db):
+    """A fresh ``sqlite:///<tmp>/mlflow.db`` set as MLflow's tracking URI; artifacts stay in <tmp>."""
+    with _fresh_mlflow_store(tmp_path, _mlflow_template_db) as uri:
+        yield uri
+
+
+@pytest.fixture(scope="module")
+def module_mlflow(tmp_path_factory, _mlflow_template_db):
+    """Like ``mlflow_uri``, shared by the tests of one module (for module-scoped pipeline runs)."""
+    with _fresh_mlflow_store(tmp_path_factory.mktemp("mlflow"), _mlflow_template_db) as uri:
+        yield uri
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """Embedded Ray with 2 CPUs and a 512 MB object store, shared by every test that needs it."""
+    from infra.cluster import ensure_ray, shutdown_ray
+    from infra.config import RayConfig
+
+    resources = ensure_ray(RayConfig(num_cpus=2, object_store_memory=512 * 1024**2))
+    try:
+        yield resources
+    finally:
+        shutdown_ray()
+
+
+# --------------------------------------------------------------------------- S3 (moto)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on loopback for the whole session; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one INFO line per request otherwise
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh, uniquely named bucket; returns ("s3://<bucket>", StorageConfig for the server)."""
+    import boto3
+
+    from infra.config import StorageConfig
+
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    client.create_bucket(Bucket=bucket)
+    cfg = StorageConfig(endpoint_url=s3_server, region="us-east-1",
+                        access_key_id="testing", secret_access_key="testing")
+    return f"s3://{bucket}", cfg
