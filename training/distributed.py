@@ -1,0 +1,67 @@
+"""Process-group setup, so that one ``train()`` call works in-process and under a launcher alike.
+
+A launcher (deepspeed, torchrun, Ray Train) sets RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT.
+Called from plain Python (a test, a mixing sweep worker, ``maskmix train`` on a laptop) none is
+set, and we become rank 0 of a world of 1 on a free local port.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def set_single_process_env() -> None:
+    """Fill in a world of one unless a launcher already described the world."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def ensure_distributed() -> tuple[int, int]:
+    """Initialise torch.distributed through DeepSpeed if needed; return (rank, world_size).
+
+    gloo on CPU (DeepSpeed's CPU accelerator would pick oneCCL, which is rarely installed),
+    the accelerator's own backend (NCCL) on GPUs.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if not dist.is_initialized():
+        set_single_process_env()
+        backend = "gloo" if not torch.cuda.is_available() else get_accelerator().communication_backend_name()
+        deepspeed.init_distributed(dist_backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] (just [obj] in a world of one)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
