@@ -196,7 +196,7 @@ class DemoConfig(_Section):
     mixture: Literal["natural", "uniform"] = Field("natural", description="the mixture the demo trains on")
     model_preset: str = "tiny"
     seq_len: int = Field(128, gt=1)
-    train_steps: int = Field(150, gt=0)
+    train_steps: int = Field(300, gt=0)
     micro_batch_size: int = Field(16, gt=0)
     eval_docs_per_domain: int = Field(32, gt=0)
 

@@ -13,7 +13,8 @@ from typing import Callable
 
 from infra import tracking
 from infra.config import (
-    DemoConfig, EvalConfig, InputSpec, MaskmixConfig, MixConfig, ModelConfig, PipelineConfig, TokenizerConfig, TrainConfig,
+    DemoConfig, EvalConfig, InputSpec, MaskmixConfig, MixConfig, ModelConfig, PipelineConfig, ShardConfig, TokenizerConfig,
+    TrainConfig,
     WordCountFilterConfig,
 )
 from infra.stages import run_eval_stage, run_mix_stage, run_pipeline_stage, run_train_stage
@@ -33,6 +34,8 @@ def demo_stage_configs(cfg: MaskmixConfig) -> MaskmixConfig:
             output_dir=data,
             word_count_filter=WordCountFilterConfig(min_words=demo.min_words),
             tokenizer=TokenizerConfig(vocab_size=demo.vocab_size),
+            # A few hundred documents per domain: hold out enough of each to evaluate on.
+            shards=ShardConfig(validation_fraction=0.1, min_validation_docs=4),
         ),
         "mix": MixConfig(manifest=manifest, method=demo.mixture, output=mixture),
         "train": TrainConfig(

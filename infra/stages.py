@@ -31,8 +31,8 @@ def run_train_stage(cfg: MaskmixConfig, progress: Callable[[str], None] = print)
     from training.trainer import train
 
     train_cfg = cfg.require("train")
-    with tracking.stage_run("train", params=train_cfg.model_dump(mode="json"),
-                            tags={"maskmix.config_hash": config_hash(train_cfg),
+    # The trainer logs its own params (config, model size, DeepSpeed config, weights).
+    with tracking.stage_run("train", tags={"maskmix.config_hash": config_hash(train_cfg),
                                   "maskmix.manifest": train_cfg.manifest,
                                   "maskmix.mixture": train_cfg.mixture or "natural"}):
         result = train(train_cfg, storage=Storage(cfg.storage), progress=progress)
