@@ -4,6 +4,7 @@
     maskmix mix CONFIG            manifest -> mixture.json
     maskmix train CONFIG          manifest + mixture -> checkpoint (+ per-domain eval)
     maskmix eval CONFIG           checkpoint -> per-domain NELBO, perplexity bound, bits/byte
+    maskmix sample [CONFIG]       checkpoint + the manifest's tokenizer -> generated texts
     maskmix demo                  all of the above on a corpus harvested from this machine
 
 Every verb takes ``--set key.path=value`` overrides. Errors in config or artifacts print one
@@ -138,6 +139,51 @@ def demo(config: Optional[Path] = typer.Option(None, help="Optional YAML to adju
         run_demo(_load(config, overrides))
     except MaskmixError as e:
         _fail(e)
+
+
+@app.command("sample")
+def sample_text(config: Optional[Path] = typer.Argument(None, help="Optional YAML (its train:/eval: sections "
+                                                                    "supply the checkpoint and manifest)."),
+                set_: Optional[list[str]] = SetOpt,
+                checkpoint: Optional[str] = typer.Option(None, help="Checkpoint or training output folder "
+                                                         "(default: eval.checkpoint, then train.output_dir)."),
+                manifest: Optional[str] = typer.Option(None, help="manifest.json whose tokenizer decodes "
+                                                       "(default: eval.manifest, then train.manifest)."),
+                n: int = typer.Option(4, "--n", "-n", help="Number of samples."),
+                length: int = typer.Option(64, help="Tokens to generate per sample (after the prompt)."),
+                steps: Optional[int] = typer.Option(None, help="Unmasking steps (default: length)."),
+                temperature: float = typer.Option(1.0, help="Sampling temperature (0: greedy)."),
+                block_length: Optional[int] = typer.Option(None, help="Semi-autoregressive block length "
+                                                           "(must divide length; default: one block)."),
+                seed: int = typer.Option(0, help="Random seed (same seed, same text)."),
+                prompt: Optional[str] = typer.Option(None, help="Text kept fixed at the start of every sample."),
+                jsonl: bool = typer.Option(False, "--jsonl", help="One JSON object per sample instead of text.")):
+    """Generate text from a checkpoint with the masked-diffusion sampler."""
+    _setup_logging(False)
+    try:
+        from infra.config import load_config
+        from infra.errors import ConfigError
+        from infra.storage import Storage
+        from training.generate import generate
+
+        # No MLflow run: sampling reads artifacts and writes nothing.
+        cfg = load_config(config, set_ or [])
+        sections = [s for s in (cfg.eval, cfg.train.eval if cfg.train else None) if s is not None]
+        checkpoint = checkpoint or next((s.checkpoint for s in sections if s.checkpoint), None) or \
+            (cfg.train.output_dir if cfg.train else None)
+        manifest = manifest or next((s.manifest for s in sections if s.manifest), None) or \
+            (cfg.train.manifest if cfg.train else None)
+        if not checkpoint or not manifest:
+            raise ConfigError("sample needs --checkpoint and --manifest (or a config with a train: section)")
+        samples = generate(checkpoint, manifest, n=n, length=length, steps=steps, temperature=temperature,
+                           block_length=block_length, seed=seed, prompt=prompt, storage=Storage(cfg.storage))
+    except MaskmixError as e:
+        _fail(e)
+    for i, s in enumerate(samples):
+        if jsonl:
+            typer.echo(json.dumps({"sample": i, "text": s.text, "token_ids": s.token_ids, "n_prompt": s.n_prompt}))
+        else:
+            typer.echo(f"--- sample {i + 1}/{len(samples)} ---\n{s.text}")
 
 
 @config_app.command("show")

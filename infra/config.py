@@ -154,6 +154,63 @@ class EvalConfig(_Section):
     seed: int = 1234
 
 
+class MaskingConfig(_Section):
+    """Which tokens are masked, and how the mask ratio t is drawn (training.diffusion.Masking).
+
+    Only strategy=independent with t_distribution=uniform trains on the exact NELBO; the other
+    combinations are experiments whose train/loss is a heuristic objective (the run is tagged
+    maskmix.nelbo_exact=false). Evaluation always reports the exact bound.
+    """
+
+    strategy: Literal["independent", "whole_word", "span"] = Field(
+        "independent", description="independent tokens | whole words (needs the manifest's tokenizer.json) | spans")
+    mean_span_length: float = Field(3.0, ge=1, description="span: mean of the geometric span lengths (tokens)")
+    t_distribution: Literal["uniform", "beta", "truncated"] = Field(
+        "uniform", description="distribution of t: uniform (the NELBO's), beta(beta_a, beta_b), truncated [t_min, t_max]")
+    beta_a: float | None = Field(None, gt=0, description="beta: first shape parameter")
+    beta_b: float | None = Field(None, gt=0, description="beta: second shape parameter")
+    t_min: float | None = Field(None, ge=0, lt=1, description="truncated: lower end of t")
+    t_max: float | None = Field(None, gt=0, le=1, description="truncated: upper end of t")
+
+    @model_validator(mode="after")
+    def _parameters_match_distribution(self) -> "MaskingConfig":
+        beta = {"beta_a": self.beta_a, "beta_b": self.beta_b}
+        bounds = {"t_min": self.t_min, "t_max": self.t_max}
+        if self.t_distribution == "beta" and None in beta.values():
+            raise ValueError("t_distribution 'beta' needs beta_a and beta_b")
+        if self.t_distribution == "truncated":
+            if None in bounds.values():
+                raise ValueError("t_distribution 'truncated' needs t_min and t_max")
+            if self.t_min >= self.t_max:
+                raise ValueError(f"t_min ({self.t_min}) must be < t_max ({self.t_max})")
+        unused = [k for k, v in ({} if self.t_distribution == "beta" else beta).items() if v is not None]
+        unused += [k for k, v in ({} if self.t_distribution == "truncated" else bounds).items() if v is not None]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} set but t_distribution is {self.t_distribution!r}")
+        return self
+
+
+class LaunchConfig(_Section):
+    """How `maskmix train` runs the training function (training.launch).
+
+    local: in this process (one rank). torchrun: num_workers ranks on this machine.
+    ray: num_workers Ray Train workers (embedded Ray, or the cluster of ray.address / RAY_ADDRESS).
+    """
+
+    mode: Literal["local", "torchrun", "ray"] = "local"
+    num_workers: int = Field(1, ge=1, description="ranks (one per GPU with use_gpu)")
+    use_gpu: bool = Field(False, description="one GPU per rank (NCCL); else CPU ranks over gloo")
+    cpus_per_worker: float = Field(1, gt=0, description="ray: CPUs reserved per worker; torchrun: OMP threads per rank")
+    storage_path: str | None = Field(
+        None, description="ray: where Ray Train keeps its run state, local or s3:// (default <output_dir>/ray)")
+
+    @model_validator(mode="after")
+    def _local_is_one_rank(self) -> "LaunchConfig":
+        if self.mode == "local" and self.num_workers != 1:
+            raise ValueError(f"mode 'local' runs one rank; num_workers={self.num_workers} needs mode torchrun or ray")
+        return self
+
+
 class TrainConfig(_Section):
     manifest: str
     mixture: str | None = Field(None, description="mixture.json; None uses natural proportions")
@@ -166,16 +223,56 @@ class TrainConfig(_Section):
     lr: float = Field(1e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(20, ge=0)
+    schedule: Literal["cosine", "wsd"] = Field(
+        "cosine", description="after warmup: cosine decay to min_lr_ratio, or warmup-stable-decay (constant, "
+                              "then linear decay to min_lr_ratio over the last decay_fraction of the steps)")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: fraction of the steps spent decaying")
     weight_decay: float = Field(0.01, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     mask_eps: float = Field(1e-3, gt=0, lt=1, description="p(t) = (1-eps)t + eps")
+    masking: MaskingConfig = MaskingConfig()
     zero_stage: int = Field(2, ge=0, le=3)
     precision: Literal["fp32", "bf16"] = "fp32"
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="merged into the DeepSpeed config")
     seed: int = 0
     log_every: int = Field(10, gt=0)
     checkpoint_every: int = Field(0, ge=0, description="0: only at the end")
+    keep_last: int | None = Field(None, gt=0, description="keep only the newest N complete local checkpoints "
+                                                          "(the one 'latest' names is never deleted); None: keep all")
+    checkpoint_uri: str | None = Field(None, description="remote mirror of the checkpoints, e.g. s3://bucket/run: "
+                                                         "each complete checkpoint is uploaded, and a run with no "
+                                                         "local checkpoint resumes from the mirror's latest")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an EMA of the weights with this decay "
+                                                                  "(e.g. 0.999); it is what eval_every evaluates "
+                                                                  "and what is exported. None: off")
+    nonfinite_lr_backoff: float = Field(0.5, gt=0, le=1, description="after a step skipped for a non-finite loss "
+                                                                      "or gradient, multiply the LR by this for the "
+                                                                      "rest of the run")
+    max_nonfinite_skips: int = Field(10, gt=0, description="fail the run after this many consecutive skipped steps")
+    eval_every: int = Field(0, ge=0, description="steps between per-domain evaluations on eval.split during "
+                                                 "training (and one at the end); 0: off")
+    peak_flops: float | None = Field(None, gt=0, description="peak FLOP/s of ONE device, for train/mfu = 6 N "
+                                                             "tokens/s / (peak_flops x world size); H100 SXM bf16 "
+                                                             "dense: 989e12. None: no MFU")
+    export: bool = Field(True, description="at the end of the run write <output_dir>/export/ (safetensors, "
+                                           "tokenizer, model card) and log it to MLflow")
+    register_model: str | None = Field(None, min_length=1, description="also register the export under this name "
+                                                                       "in the MLflow model registry")
     eval: EvalConfig = EvalConfig()
+    launch: LaunchConfig = LaunchConfig()
+
+    @model_validator(mode="after")
+    def _export_and_mirror(self) -> "TrainConfig":
+        if self.register_model and not self.export:
+            raise ValueError("register_model needs export: true (the registry version points at the export)")
+        if self.checkpoint_uri is not None:
+            uri = self.checkpoint_uri.rstrip("/")
+            if not uri or uri == "s3:/" or uri == "s3:":
+                raise ValueError(f"checkpoint_uri {self.checkpoint_uri!r} names no folder")
+            if not uri.startswith("s3://") and os.path.abspath(uri).startswith(
+                    os.path.abspath(os.path.join(self.output_dir, "checkpoints"))):
+                raise ValueError("checkpoint_uri must not be inside output_dir/checkpoints (it mirrors that folder)")
+        return self
 
 
 # --------------------------------------------------------------------------- demo

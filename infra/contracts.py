@@ -194,12 +194,14 @@ class TrainerState(_Artifact):
     schema_version: Literal[1] = 1
     step: int = Field(ge=0)
     tokens_seen: int = Field(ge=0)
+    masked_tokens_seen: int = Field(0, ge=0)  # tokens the loss scored (all ranks)
     sampler: dict[str, Any]  # MixtureSampler.state_dict(): cursors, epochs, RNG
     rng: dict[str, Any]  # python / numpy / torch generator states (JSON-encoded)
     config_hash: str
     manifest_sha256: str
     mixture_sha256: str
     mlflow_run_id: str | None = None
+    nonfinite: dict[str, Any] = Field(default_factory=dict)  # training.guard.NonFiniteGuard: skips, LR back-off
 
 
 # One place that says what each artifact's file is called.

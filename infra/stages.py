@@ -28,14 +28,15 @@ def run_mix_stage(cfg: MaskmixConfig):
 
 def run_train_stage(cfg: MaskmixConfig, progress: Callable[[str], None] = print):
     """Train, then evaluate per domain on the validation split; both logged in one 'train' run."""
-    from training.trainer import train
+    from training.launch import launch
 
     train_cfg = cfg.require("train")
     # The trainer logs its own params (config, model size, DeepSpeed config, weights).
-    with tracking.stage_run("train", tags={"maskmix.config_hash": config_hash(train_cfg),
+    with tracking.stage_run("train", system_metrics=True, tags={"maskmix.config_hash": config_hash(train_cfg),
                                   "maskmix.manifest": train_cfg.manifest,
                                   "maskmix.mixture": train_cfg.mixture or "natural"}):
-        result = train(train_cfg, storage=Storage(cfg.storage), progress=progress)
+        # local (this process), torchrun (N ranks on this machine) or Ray Train, by train.launch.mode
+        result = launch(train_cfg, cfg.storage, cfg.ray, progress=progress)
         tracking.set_tags({"maskmix.checkpoint": result.checkpoint_dir})
     return result
 

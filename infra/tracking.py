@@ -98,14 +98,16 @@ def configure(cfg: TrackingConfig) -> None:
 
 @contextlib.contextmanager
 def stage_run(stage: str, params: dict | None = None, tags: dict | None = None,
-              run_name: str | None = None) -> Iterator[mlflow.ActiveRun]:
+              run_name: str | None = None, system_metrics: bool = False) -> Iterator[mlflow.ActiveRun]:
     """A run for one stage invocation; nested under the active run if there is one.
 
     The run ends FINISHED on success and FAILED on an exception (which propagates).
+    ``system_metrics`` samples CPU/memory/disk (and GPU where pynvml is present) into the run.
     """
     parent = mlflow.active_run()
     all_tags = {"maskmix.stage": stage, **(tags or {})}
-    with mlflow.start_run(run_name=run_name or stage, nested=parent is not None, tags=redact(all_tags)) as run:
+    with mlflow.start_run(run_name=run_name or stage, nested=parent is not None, tags=redact(all_tags),
+                          log_system_metrics=system_metrics) as run:
         if params:
             log_params(params)
         yield run
@@ -149,6 +151,38 @@ def log_text(text: str, artifact_file: str) -> None:
 def log_file(local_path: str, artifact_path: str | None = None) -> None:
     if mlflow.active_run() is not None:
         mlflow.log_artifact(local_path, artifact_path)
+
+
+def log_artifacts(local_dir: str, artifact_path: str | None = None) -> None:
+    """Log every file of a local folder under ``artifact_path``."""
+    if mlflow.active_run() is not None:
+        mlflow.log_artifacts(local_dir, artifact_path)
+
+
+def register_artifacts(name: str, artifact_path: str, description: str | None = None,
+                       tags: dict[str, str] | None = None) -> str | None:
+    """Register the active run's ``artifact_path`` folder as a new version of registered model ``name``.
+
+    The version's source is the run's artifact URI of that folder, so the registry points at
+    plain files (safetensors + JSON): no MLflow flavor, no pickled Python object, nothing the
+    reader has to execute. Returns the version number (as MLflow's string), None without a run.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    run = mlflow.active_run()
+    if run is None:
+        return None
+    client = mlflow.MlflowClient()
+    try:
+        client.get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise
+        client.create_registered_model(name, description=description)
+    version = client.create_model_version(name, source=mlflow.get_artifact_uri(artifact_path),
+                                          run_id=run.info.run_id, tags=redact(tags or {}), description=description)
+    return version.version
 
 
 def log_bytes(data: bytes, artifact_file: str) -> None:

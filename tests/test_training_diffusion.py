@@ -93,11 +93,14 @@ def test_draw_noise_ranks_slice_the_global_draw():
     torch.testing.assert_close(torch.cat([p.t for p in parts]), whole.t, rtol=0, atol=0)
 
 
-def test_only_independent_masking_is_implemented_and_exact():
+def test_only_independent_masking_is_exact():
+    # The other strategies and t distributions are tested in test_training_masking.py.
     assert MaskingStrategy.INDEPENDENT.is_exact_nelbo
-    assert draw_noise(torch.ones(2, 3, dtype=torch.bool), gen(), strategy="independent").strategy is MaskingStrategy.INDEPENDENT
+    assert not MaskingStrategy.SPAN.is_exact_nelbo and not MaskingStrategy.WHOLE_WORD.is_exact_nelbo
+    draw = draw_noise(torch.ones(2, 3, dtype=torch.bool), gen(), strategy="independent")
+    assert draw.strategy is MaskingStrategy.INDEPENDENT and draw.is_exact_nelbo
     with pytest.raises(ValueError):
-        draw_noise(torch.ones(2, 3, dtype=torch.bool), gen(), strategy="span")
+        draw_noise(torch.ones(2, 3, dtype=torch.bool), gen(), strategy="no-such-strategy")
 
 
 # --------------------------------------------------------------------------- loss
@@ -316,3 +319,30 @@ def test_sampler_steps_capped_at_length_and_seeded():
     a = sample(model, batch=2, length=5, steps=50, mask_id=MASK, generator=gen(4))
     b = sample(model, batch=2, length=5, steps=50, mask_id=MASK, generator=gen(4))
     assert torch.equal(a, b) and not (a == MASK).any()
+
+
+def test_sparse_head_path_gives_the_dense_terms_and_gradients():
+    """token_terms asks MaskedDiffusionTransformer for the masked rows' logits only (output_mask);
+    the terms and the gradients must be those of the full [B, L, V] logits."""
+    from training.diffusion import token_terms_from_logits, token_terms_from_masked_logits
+
+    model = tiny_model(vocab_size=11).train()
+    x0 = torch.randint(2, 11, (5, 8))
+    valid = torch.ones_like(x0, dtype=torch.bool)
+    valid[4, 5:] = False
+    draw = draw_noise(valid, gen(21))
+    sparse = token_terms(model, x0, None, draw, valid, MASK)
+    nelbo_loss(sparse, valid).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    dense = token_terms_from_logits(model(apply_mask(x0, draw.masked, MASK), None), x0, draw, MASK)
+    nelbo_loss(dense, valid).backward()
+    torch.testing.assert_close(sparse, dense)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, msg=n)
+    # The public masked-rows entry point never writes into the caller's tensor.
+    logits = model(apply_mask(x0, draw.masked, MASK), None).detach()
+    picked = logits[draw.masked]
+    before = picked.clone()
+    torch.testing.assert_close(token_terms_from_masked_logits(picked, x0, draw, MASK), dense.detach())
+    assert torch.equal(picked, before)

@@ -156,7 +156,7 @@ def test_loss_decreases_and_run_is_logged(trained):
     result, logged, _, lines = trained
     assert result.steps == 30 and len(result.losses) == 30
     assert [line.split()[1] for line in lines if line.startswith("step")] == ["10/30", "20/30", "30/30"]
-    assert lines[-1] == f"checkpoint {result.checkpoint_dir}"
+    assert lines[-2:] == [f"checkpoint {result.checkpoint_dir}", f"exported {result.export_dir}"]
     assert result.tokens_seen == 30 * 16 * 32
     first, last = sum(result.losses[:10]) / 10, sum(result.losses[-10:]) / 10
     assert first > 2.5  # near log(31) = 3.43 at init

@@ -6,6 +6,7 @@
             mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed's own files (engine.save_checkpoint)
             model_args.json         training.model.ModelArgs
             model.safetensors | model.pt   full weights for evaluation (no DeepSpeed needed to read)
+            ema.safetensors         full EMA weights (training.ema), when the run keeps an EMA
             train_config.json       the TrainConfig that produced it (to explain a config_hash change)
             trainer_state.json      infra.contracts.TrainerState, written LAST
 
@@ -21,6 +22,7 @@ import base64
 import json
 import os
 import random
+import shutil
 
 import numpy as np
 import torch
@@ -72,6 +74,40 @@ def resolve_checkpoint_dir(path: str) -> str:
     if os.path.exists(os.path.join(path, CHECKPOINTS_DIR, LATEST_FILE)):
         return resolve_checkpoint_dir(os.path.join(path, CHECKPOINTS_DIR))
     raise ContractError(f"{path}: not a checkpoint (no {MODEL_ARGS_FILE}, no {LATEST_FILE} pointer)")
+
+
+def step_folders(output_dir: str) -> list[tuple[int, str]]:
+    """[(step, folder)] of every ``step-NNNNNNNN`` folder under ``output_dir``, oldest first (complete or not)."""
+    root = checkpoints_root(output_dir)
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        if name.startswith("step-") and name[5:].isdigit() and os.path.isdir(os.path.join(root, name)):
+            found.append((int(name[5:]), os.path.join(root, name)))
+    return sorted(found)
+
+
+def prune_checkpoints(output_dir: str, keep_last: int) -> list[str]:
+    """Delete all but the newest ``keep_last`` complete checkpoints; returns the folders deleted.
+
+    Only folders OLDER than the one ``latest`` names are candidates, so neither the checkpoint a
+    resume would use nor one being written right now is ever touched. Incomplete folders older
+    than ``latest`` are debris of a crashed save and are deleted as well.
+    """
+    latest = latest_checkpoint(output_dir)
+    if latest is None:
+        return []
+    latest_step = int(os.path.basename(latest)[5:])
+    older = [(s, f) for s, f in step_folders(output_dir) if s < latest_step]
+    complete = [f for _, f in older if os.path.exists(os.path.join(f, TRAINER_STATE_FILE))]
+    keep = set(complete[len(complete) - (keep_last - 1):]) if keep_last > 1 else set()
+    deleted = []
+    for _, folder in older:
+        if folder not in keep:
+            shutil.rmtree(folder, ignore_errors=True)
+            deleted.append(folder)
+    return deleted
 
 
 # --------------------------------------------------------------------------- weights for evaluation

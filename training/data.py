@@ -403,3 +403,37 @@ def eval_sequences(manifest: Manifest, manifest_dir: str, domain: str, split: st
         segment_ids[r, :len(tokens)] = 0
     return EvalSequences(domain, input_ids, segment_ids, segment_ids >= 0,
                          torch.tensor(byte_counts, dtype=torch.float64), doc_ids)
+
+
+# --------------------------------------------------------------------------- tokenizer and masking
+
+
+def load_tokenizer_json(manifest: Manifest, manifest_dir: str, storage: Storage | None = None) -> str:
+    """The manifest's tokenizer.json (its path is relative to the manifest's folder), sha256-checked."""
+    uri = join(manifest_dir, manifest.tokenizer.path)
+    try:
+        data = (storage or Storage()).read_bytes(uri)
+    except FileNotFoundError:
+        raise ContractError(f"{uri}: the manifest's tokenizer file does not exist") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != manifest.tokenizer.sha256:
+        raise ContractError(f"{uri}: sha256 mismatch, the manifest expects {manifest.tokenizer.sha256} but the "
+                            f"file has {digest} (the tokenizer was replaced after the manifest was written)")
+    return data.decode()
+
+
+def masking_for_run(masking_cfg, manifest: Manifest, manifest_dir: str, storage: Storage | None = None):
+    """training.diffusion.Masking for an ``infra.config.MaskingConfig``.
+
+    Whole-word masking reads the manifest's tokenizer.json once to build the per-id word-start
+    table; the other strategies need nothing from the data.
+    """
+    from training.diffusion import Masking, MaskingStrategy, word_start_table
+
+    word_start = None
+    if MaskingStrategy(masking_cfg.strategy) is MaskingStrategy.WHOLE_WORD:
+        vocab = max(manifest.tokenizer.vocab_size, max(manifest.tokenizer.special_ids.values()) + 1)
+        word_start = word_start_table(load_tokenizer_json(manifest, manifest_dir, storage), vocab)
+        # Special ids (pad, mask, ...) always start a word, whatever the tokenizer file says.
+        word_start[list(manifest.tokenizer.special_ids.values())] = True
+    return Masking.from_config(masking_cfg, word_start=word_start)

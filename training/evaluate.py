@@ -18,6 +18,7 @@ gives identical numbers and two checkpoints are compared on identical masks.
 from __future__ import annotations
 
 import math
+import os
 import zlib
 from dataclasses import asdict, dataclass
 
@@ -26,6 +27,7 @@ import torch
 from infra import tracking
 from infra.config import EvalConfig
 from infra.contracts import Manifest
+from infra.errors import ContractError
 from infra.storage import Storage
 from training import checkpoint as ckpt
 from training.data import eval_sequences
@@ -105,16 +107,27 @@ def evaluate(model: torch.nn.Module, manifest: Manifest, manifest_dir: str, eval
     return results
 
 
-def load_model(checkpoint_dir: str, device: str | torch.device = "cpu") -> tuple[MaskedDiffusionTransformer, ModelArgs]:
+def load_model(checkpoint_dir: str, device: str | torch.device = "cpu",
+               use_ema: bool | None = None) -> tuple[MaskedDiffusionTransformer, ModelArgs]:
     """The model of a checkpoint (a step folder, a checkpoints folder or a training output folder).
 
-    Reads model_args.json and model.safetensors / model.pt only: no pickled code is executed
-    and DeepSpeed is not needed. Weights saved in bf16 are loaded into float32 parameters.
+    Reads model_args.json and model.safetensors / model.pt (or ema.safetensors) only: no pickled
+    code is executed and DeepSpeed is not needed. Weights saved in bf16 are loaded into float32
+    parameters. ``use_ema``: None takes the EMA weights when the run kept an EMA (they are what
+    the run exports), True requires them, False takes the raw weights.
     """
+    from safetensors.torch import load_file
+
+    from training.ema import EMA_FILE
+
     folder = ckpt.resolve_checkpoint_dir(checkpoint_dir)
     args = ModelArgs(**ckpt.read_json(f"{folder}/{ckpt.MODEL_ARGS_FILE}"))
     model = MaskedDiffusionTransformer(args)
-    model.load_state_dict(ckpt.load_weights(folder))
+    ema_path = os.path.join(folder, EMA_FILE)
+    if use_ema and not os.path.exists(ema_path):
+        raise ContractError(f"{folder}: no {EMA_FILE} (the run kept no EMA of its weights)")
+    weights = load_file(ema_path) if use_ema is not False and os.path.exists(ema_path) else ckpt.load_weights(folder)
+    model.load_state_dict(weights)
     return model.to(device).eval(), args
 
 

@@ -194,8 +194,17 @@ class MaskedDiffusionTransformer(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, input_ids: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids [B, L] long, segment_ids [B, L] long (None: one document per row) -> logits [B, L, V] float32."""
+    # token_terms may pass output_mask: only the masked positions' logits are ever scored.
+    supports_output_mask = True
+
+    def forward(self, input_ids: torch.Tensor, segment_ids: torch.Tensor | None = None,
+                output_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, L] long, segment_ids [B, L] long (None: one document per row) -> logits [B, L, V] float32.
+
+        With ``output_mask`` [B, L] bool the result is the logits of the selected positions only,
+        [M, V] in row-major order: the vocabulary projection (the largest matmul of a small
+        model) and its backward then run on the ~half of the tokens the loss scores.
+        """
         B, L = input_ids.shape
         if L > self.args.max_seq_len:
             raise ValueError(f"sequence length {L} exceeds max_seq_len {self.args.max_seq_len}")
@@ -206,6 +215,8 @@ class MaskedDiffusionTransformer(nn.Module):
         for block in self.blocks:
             x = block(x, cos, sin, attn_mask)
         x = self.norm(x)
+        if output_mask is not None:
+            x = x[output_mask]
         weight = self.tok_embeddings.weight if self.lm_head is None else self.lm_head.weight
         # The output projection runs in float32 even under bf16: logits rounded to bf16 carry
         # ~0.4% relative error, which shows up directly in the NELBO (MDLM's bf16 head, see notes).
