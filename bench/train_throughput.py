@@ -29,8 +29,8 @@ by default, on the projection + log-softmax of the unmasked positions too.
 Two fixes in maskmix came out of this profile (both kept): the loss used F.cross_entropy on the
 [B, V, L] transpose of the logits (a strided log-softmax, ~3x slower on CPU than rows of V),
 and it computed the [B, L, V] logits everywhere although only masked positions are scored;
-the model now takes ``output_mask`` and projects only those rows. Before them the ratio was
-~0.8-0.93 on these settings; after, ~1.3.
+the model now takes ``output_mask`` and projects only those rows. Before them maskmix ran at
+4.5k tokens/s vs ModernBERT's 6.7k (ratio 0.66) on these settings; after, 8.6k vs 6.6k (1.3).
 
 GPU section (only where CUDA exists): tokens/s and MFU of the "small" (~125M) preset in bf16
 autocast (fp32 master weights, fused AdamW), at seq_len 1024. MFU = training FLOPs per token x
