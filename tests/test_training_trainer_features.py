@@ -33,6 +33,7 @@ from training.export import ExportInfo, export_model, load_exported  # noqa: E40
 from training.guard import NonFiniteGuard, NonFiniteLossError, SkippableAdamW  # noqa: E402
 from training.model import MaskedDiffusionTransformer, ModelArgs, build_model_args  # noqa: E402
 from training.schedule import lr_multiplier, scheduled_lr, wsd_decay_start  # noqa: E402
+from training.trainer import training_flops_per_token  # noqa: E402
 
 VOCAB = 32
 
@@ -475,9 +476,13 @@ def test_tracking_export_and_registry(corpus, tmp_path, mlflow_uri):
     assert history("train/tokens_seen") == {1: per_step_tokens, 2: 2 * per_step_tokens, 3: 3 * per_step_tokens}
     masked = history("train/masked_tokens_seen")
     assert 0 < masked[1] < masked[2] < masked[3] < 3 * per_step_tokens and masked[3] == result.masked_tokens_seen
-    tps, mfu = history("train/tokens_per_s"), history("train/mfu")
+    tps, mfu, seen = history("train/tokens_per_s"), history("train/mfu"), history("train/tokens_seen")
+    model_args = ModelArgs(**json.loads(open(os.path.join(result.export_dir, "model_args.json")).read()))
     for step in (1, 2, 3):
-        assert mfu[step] == pytest.approx(6 * n_params * tps[step] / 1e12)
+        flops = training_flops_per_token(model_args, n_params, masked[step] / seen[step])
+        assert mfu[step] == pytest.approx(flops * tps[step] / 1e12)
+        # the output projection runs on masked tokens only, so fewer FLOPs than the dense 6 N
+        assert flops < 6 * n_params
     for key in ("train/grad_norm", "train/loss/alpha", "train/loss/beta", "data/epochs/alpha", "train/lr_backoff",
                 "eval/alpha/nats_per_token"):
         assert key in data.metrics, key
@@ -611,3 +616,13 @@ def test_two_ranks_zero3_ema_guard_and_resume(corpus, tmp_path):
     assert_same(weights_at(tmp_path / "split", 4, EMA_FILE), weights_at(tmp_path / "full", 4, EMA_FILE))
     cfg = config(corpus, tmp_path / "full", model=ModelConfig(preset="test"), ema_decay=0.8)
     check_ema_against_hand_computation(cfg, corpus, steps=4, skipped=(2,))
+
+
+def test_training_flops_per_token_counts_the_head_at_masked_positions_only():
+    tied = ModelArgs(vocab_size=100, d_model=8, n_layers=1, n_heads=2, d_ff=16, max_seq_len=16)
+    n = 1000 + 100 * 8  # body + one shared table
+    assert training_flops_per_token(tied, n, 1.0) == pytest.approx(6 * n)
+    assert training_flops_per_token(tied, n, 0.25) == pytest.approx(6 * 1000 + 6 * 800 * 0.25)
+    untied = ModelArgs(vocab_size=100, d_model=8, n_layers=1, n_heads=2, d_ff=16, max_seq_len=16,
+                       tie_embeddings=False)
+    assert training_flops_per_token(untied, 1000 + 2 * 800, 0.5) == pytest.approx(6 * 1000 + 6 * 800 * 0.5)

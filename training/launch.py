@@ -36,7 +36,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import socket
 import subprocess
 import sys
@@ -56,6 +55,7 @@ Progress = Callable[[str], None]
 
 # Marks rank 0's progress lines in the torchrun output stream (everything else is log noise).
 PROGRESS_MARK = "[maskmix-progress] "
+RESULT_FILE = "result.json"  # rank 0 hands its TrainResult to the launcher through this
 LOG_TAIL_LINES = 40
 # What a launcher sets for its children; inherited stale values (e.g. from an in-process train()
 # in the parent, which fills in a world of one) must not reach torchrun's workers.
@@ -287,7 +287,7 @@ def _launch_torchrun(cfg: TrainConfig, storage: StorageConfig | None, tracking_u
         proc.stdout.close()
     if code != 0:
         raise torchrun_failure(run_dir, n, code, list(output_tail))
-    return _read_result(os.path.join(run_dir, "result.pkl"))
+    return _read_result(os.path.join(run_dir, RESULT_FILE))
 
 
 def _stop_process_group(proc: subprocess.Popen) -> None:
@@ -305,12 +305,23 @@ def _stop_process_group(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def _read_result(path: str):
-    # Pickle, not JSON: TrainResult holds nested dataclasses (per-domain eval) that must come back as such.
-    with open(path, "rb") as f:
-        result = pickle.load(f)
+def _write_result(result: TrainResult, path: str) -> None:
+    """JSON, not pickle: reading a file back must never run code (a run folder may be shared)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(dataclasses.asdict(result), f)
+    os.replace(tmp, path)
+
+
+def _read_result(path: str) -> TrainResult:
+    from training.evaluate import DomainEval
+    from training.trainer import TrainResult
+
+    with open(path) as f:
+        data = json.load(f)
     os.remove(path)
-    return result
+    data["eval"] = {domain: DomainEval(**values) for domain, values in data.get("eval", {}).items()}
+    return TrainResult(**data)
 
 
 def _error_path(run_dir: str, rank: int) -> str:
@@ -373,10 +384,7 @@ def worker_main(spec_path: str) -> None:
             json.dump(record, f)
         raise
     if rank == 0:
-        tmp = os.path.join(spec.run_dir, "result.pkl.tmp")
-        with open(tmp, "wb") as f:
-            pickle.dump(result, f)
-        os.replace(tmp, os.path.join(spec.run_dir, "result.pkl"))
+        _write_result(result, os.path.join(spec.run_dir, RESULT_FILE))
 
 
 # --------------------------------------------------------------------------- Ray Train

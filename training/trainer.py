@@ -323,20 +323,29 @@ def pre_step_grad_norm(engine, optimizer: torch.optim.Optimizer) -> float | None
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
+def training_flops_per_token(model_args: ModelArgs, n_parameters: int, masked_fraction: float) -> float:
+    """Forward + backward FLOPs per input token: 6 per body parameter, and 6 d V for the output
+    projection only at the masked positions (the model computes logits there alone).
+
+    The embedding lookup costs no FLOPs; attention's sequence-length term is left out, as usual.
+    """
+    table = model_args.vocab_size * model_args.d_model
+    body = n_parameters - table * (1 if model_args.tie_embeddings else 2)
+    return 6.0 * body + 6.0 * table * masked_fraction
+
+
 def progress_metrics(cfg: TrainConfig, lr: float, grad_norm, tokens_seen: int, masked_tokens_seen: int,
-                     guard: NonFiniteGuard, n_parameters: int, world_size: int, tokens_per_s: float) -> dict:
+                     guard: NonFiniteGuard, flops_per_token: float, world_size: int, tokens_per_s: float) -> dict:
     """LR, grad norm, token counters, the guard's counters and the MFU estimate for one log line.
 
-    MFU = 6 N tokens/s / (peak_flops x world_size): the usual 6 FLOPs per parameter per token
-    for forward + backward (N counts every parameter, embeddings included; attention's
-    sequence-length term is left out), over the peak of all devices together.
+    MFU = flops_per_token x tokens/s / (peak_flops x world_size), over the peak of all devices.
     """
     out = {"train/lr": lr, "train/tokens_seen": tokens_seen, "train/masked_tokens_seen": masked_tokens_seen,
            "train/nonfinite_skips": guard.skips, "train/lr_backoff": guard.lr_scale}
     if grad_norm is not None:
         out["train/grad_norm"] = float(grad_norm)
     if cfg.peak_flops:
-        out["train/mfu"] = 6.0 * n_parameters * tokens_per_s / (cfg.peak_flops * world_size)
+        out["train/mfu"] = flops_per_token * tokens_per_s / (cfg.peak_flops * world_size)
     return out
 
 
@@ -552,8 +561,10 @@ def train(cfg: TrainConfig, storage: Storage | None = None, *, stop_after_step: 
         if step % cfg.log_every == 0 or step == last_step:
             metrics = meter.metrics(sampler.domains)
             grad_norm = grad_norm if grad_norm is not None else engine.get_global_grad_norm()
+            flops_per_token = training_flops_per_token(model_args, n_parameters,
+                                                       masked_tokens_seen / max(1, tokens_seen))
             metrics.update(progress_metrics(cfg, lr, grad_norm, tokens_seen, masked_tokens_seen, guard,
-                                            n_parameters, world_size, metrics["train/tokens_per_s"]))
+                                            flops_per_token, world_size, metrics["train/tokens_per_s"]))
             metrics.update({f"data/epochs/{d}": e for d, e in sampler.epochs().items()})
             if rank == 0:
                 tracking.log_metrics(metrics, step=step)
