@@ -22,9 +22,9 @@ from infra.contracts import TRAINER_STATE_FILE, load_trainer_state  # noqa: E402
 from infra.errors import ContractError  # noqa: E402
 
 try:
-    from training_fixtures import write_mixture, write_tiny_corpus  # noqa: E402
+    from training_fixtures import run_two_ranks, write_mixture, write_tiny_corpus  # noqa: E402
 except ImportError:  # tests/ imported as a package
-    from tests.training_fixtures import write_mixture, write_tiny_corpus  # noqa: E402
+    from tests.training_fixtures import run_two_ranks, write_mixture, write_tiny_corpus  # noqa: E402
 
 from training import checkpoint as ckpt  # noqa: E402
 from training.evaluate import DomainEval, evaluate, load_model, log_eval, summarize  # noqa: E402
@@ -263,25 +263,8 @@ with open(os.path.join(out, f"rank{os.environ['RANK']}.json"), "w") as f:
 def test_two_ranks_train_and_resume_exactly(corpus, tmp_path):
     """Two gloo processes on this machine: ZeRO-2 partitions, per-rank sampler/RNG state in one checkpoint."""
     import json
-    import socket
-    import subprocess
-    import sys
 
-    script = tmp_path / "two_ranks.py"
-    script.write_text(TWO_RANK_SCRIPT)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        procs.append(subprocess.Popen([sys.executable, str(script), corpus.manifest_path, str(tmp_path)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    for p in procs:
-        output, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, output[-3000:]
+    run_two_ranks(TWO_RANK_SCRIPT, [corpus.manifest_path, str(tmp_path)], tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r in ranks:
         assert r["split"] == r["full"]  # exact resume on every rank

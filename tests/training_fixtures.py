@@ -101,3 +101,28 @@ def write_mixture(path: str, weights: dict[str, float], manifest: Manifest, meth
     write_artifact(Mixture(weights=weights, method=method, manifest_sha256=artifact_sha256(manifest),
                            tokenizer_sha256=manifest.tokenizer.sha256), path)
     return path
+
+
+def run_two_ranks(script_text: str, args: list[str], workdir, timeout: int = 300) -> None:
+    """Run ``script_text`` as 2 gloo ranks on this machine (RANK/WORLD_SIZE/MASTER_* set by hand,
+    no launcher) and fail with the tail of a rank's output if either exits non-zero."""
+    import socket
+    import subprocess
+    import sys
+
+    script = os.path.join(str(workdir), "two_ranks.py")
+    with open(script, "w") as f:
+        f.write(script_text)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        procs.append(subprocess.Popen([sys.executable, script, *args], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for p in procs:
+        output, _ = p.communicate(timeout=timeout)
+        assert p.returncode == 0, output[-3000:]
