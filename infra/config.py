@@ -125,10 +125,76 @@ class PipelineConfig(_Section):
 # --------------------------------------------------------------------------- mixing
 
 
+class SweepConfig(_Section):
+    """Many small proxy runs on Ray, one MLflow child run each; finished runs are never repeated."""
+
+    output_dir: str = Field("sweep", description="folder of runs/<run_id>.json (the resume state)")
+    max_parallel: int | None = Field(None, gt=0, description="runs in flight at once (default: as Ray schedules)")
+    cpus_per_run: float = Field(1, gt=0, description="CPUs reserved per run (Ray task num_cpus)")
+    n_mixtures: int = Field(16, gt=0, description="mixtures sampled for the sweep")
+    seed: int = 0
+
+
+class ProxyConfig(_Section):
+    """A small proxy diffusion model trained in plain torch (mixing.proxy.train_proxy)."""
+
+    preset: str = Field("test", description="a name from training.model.PRESETS")
+    d_model: int | None = Field(None, gt=0)
+    n_layers: int | None = Field(None, gt=0)
+    n_heads: int | None = Field(None, gt=0)
+    d_ff: int | None = Field(None, gt=0)
+    seq_len: int = Field(64, gt=1)
+    batch_size: int = Field(16, gt=0)
+    steps: int = Field(200, gt=0)
+    lr: float = Field(3e-3, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    seed: int = 0
+    eval_docs_per_domain: int = Field(32, gt=0)
+    mc_samples: int = Field(4, gt=0)
+    eval_every: int = Field(0, ge=0, description="evaluate every k steps for loss curves (0: only at the end)")
+
+
+class DoReMiConfig(_Section):
+    """DoReMi (Xie et al. 2023) with masked-diffusion proxies (mixing.doremi)."""
+
+    proxy: ProxyConfig = ProxyConfig()
+    reference_weights: Literal["natural", "uniform"] | dict[str, float] = "natural"
+    eta: float = Field(1.0, gt=0, description="step size of the exponentiated-gradient update")
+    smoothing: float = Field(1e-3, ge=0, le=1, description="c: alpha <- (1-c) alpha + c/k")
+    clip: Literal["token", "domain"] = Field(
+        "token", description="clip the excess at 0 per token (paper) or on the domain aggregate")
+    rounds: int = Field(1, gt=0, description="max rounds of iterated DoReMi")
+    tol: float = Field(1e-3, gt=0, description="stop when ||avg alpha - alpha_ref||_inf < tol")
+    seed: int = 0
+
+
+class LawsConfig(_Section):
+    """Data mixing laws (mixing/laws.py): fit, nested step/size laws, capped optimizer."""
+
+    restarts: int = Field(8, ge=0, description="random restarts per validation domain (plus log-linear starts)")
+    huber_delta: float = Field(0.01, gt=0, description="Huber f_scale in nats")
+    holdout_fraction: float = Field(0.2, ge=0, lt=1, description="runs held out to report prediction error")
+    bootstrap_samples: int = Field(100, ge=0, description="bootstrap refits for intervals (0: none)")
+    target_weights: dict[str, float] | None = Field(None, description="validation domain -> weight; None: equal")
+    max_epochs: float | None = Field(4.0, gt=0, description="per-domain repetition cap (epochs) for the optimizer")
+    r_star: float = Field(15.4, gt=0, description="R* of D'=U+U·R*(1-e^(-R/R*)); 15.4 is the AR fit, diffusion tolerates more")
+    n_mixtures: int = Field(20, gt=0, description="mixtures sampled for the small runs")
+    sampling: Literal["double_diminishing", "dirichlet"] = "double_diminishing"
+    dirichlet_concentration: float = Field(1.0, gt=0, description="α = concentration·M·base")
+    seed: int = 0
+
+
 class MixConfig(_Section):
     manifest: str = Field(description="manifest.json of a pipeline run")
-    method: Literal["natural", "uniform"] = "natural"
+    method: Literal["natural", "uniform", "temperature"] = "natural"
+    temperature: float = Field(1.0, gt=0, description="temperature: w_i ∝ n_i^(1/τ); 1 natural, large → uniform")
     output: str = Field(description="where to write mixture.json")
+    sweep: SweepConfig = SweepConfig()
+    doremi: DoReMiConfig = DoReMiConfig()
+    laws: LawsConfig = LawsConfig()
 
 
 # --------------------------------------------------------------------------- training

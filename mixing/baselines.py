@@ -1,10 +1,13 @@
-"""Baseline mixtures: uniform over domains, and natural proportions (by training tokens).
+"""Baseline mixtures: uniform over domains, natural proportions (by training tokens), and
+temperature-scaled proportions between the two (w_i ∝ n_i^(1/τ), as in multilingual pretraining).
 
 These are the references that learned mixtures (DoReMi, mixing laws) are compared against, and
 DoReMi's default reference weights.
 """
 
 from __future__ import annotations
+
+import math
 
 from infra import tracking
 from infra.config import MixConfig, StorageConfig
@@ -25,13 +28,27 @@ def natural_weights(manifest: Manifest) -> dict[str, float]:
     return {d: n / total for d, n in tokens.items()}
 
 
-BASELINES = {"uniform": uniform_weights, "natural": natural_weights}
+def temperature_weights(manifest: Manifest, temperature: float = 1.0) -> dict[str, float]:
+    """w_i ∝ n_i^(1/τ) over training tokens n_i: τ = 1 is natural, τ → ∞ uniform, τ < 1 sharpens."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    natural = natural_weights(manifest)
+    # Scale from the proportions, in log space: n_i^(1/τ) overflows for large n and small τ.
+    logs = {d: math.log(p) / temperature for d, p in natural.items() if p > 0}
+    top = max(logs.values())
+    scaled = {d: (math.exp(logs[d] - top) if d in logs else 0.0) for d in natural}
+    total = sum(scaled.values())
+    return {d: v / total for d, v in scaled.items()}
 
 
-def baseline_mixture(manifest: Manifest, method: str) -> Mixture:
+BASELINES = {"uniform": uniform_weights, "natural": natural_weights, "temperature": temperature_weights}
+
+
+def baseline_mixture(manifest: Manifest, method: str, temperature: float = 1.0) -> Mixture:
     if method not in BASELINES:
         raise ValueError(f"unknown baseline {method!r}; choose from {sorted(BASELINES)}")
-    weights = BASELINES[method](manifest)
+    options = {"temperature": temperature} if method == "temperature" else {}
+    weights = BASELINES[method](manifest, **options)
     # Round-off can leave the sum a hair away from 1; renormalize the last domain.
     last = sorted(weights)[-1]
     weights[last] = 1.0 - sum(w for d, w in weights.items() if d != last)
@@ -39,7 +56,8 @@ def baseline_mixture(manifest: Manifest, method: str) -> Mixture:
         weights=weights, method=method, reference_weights=natural_weights(manifest),
         manifest_sha256=artifact_sha256(manifest), tokenizer_sha256=manifest.tokenizer.sha256,
         mlflow_run_id=tracking.active_run_id(),
-        details={"train_tokens": {d: manifest.domains[d].tokens("train") for d in manifest.domain_names()}},
+        details={"train_tokens": {d: manifest.domains[d].tokens("train") for d in manifest.domain_names()},
+                 **options},
     )
 
 
@@ -47,8 +65,11 @@ def run_mix(cfg: MixConfig, storage_cfg: StorageConfig | None = None) -> Mixture
     """`maskmix mix`: compute the configured mixture, write mixture.json, log it as an MLflow run."""
     storage = Storage(storage_cfg)
     manifest = load_manifest(cfg.manifest, storage)
-    with tracking.stage_run("mix", params={"method": cfg.method, "manifest": cfg.manifest, "output": cfg.output}):
-        mixture = baseline_mixture(manifest, cfg.method)
+    params = {"method": cfg.method, "manifest": cfg.manifest, "output": cfg.output}
+    if cfg.method == "temperature":
+        params["temperature"] = cfg.temperature
+    with tracking.stage_run("mix", params=params):
+        mixture = baseline_mixture(manifest, cfg.method, temperature=cfg.temperature)
         write_artifact(mixture, cfg.output, storage)
         tracking.log_json(mixture.model_dump(mode="json"), "mixture.json")
         tracking.log_metrics({f"weight/{d}": w for d, w in mixture.weights.items()})

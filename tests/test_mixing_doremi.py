@@ -1,0 +1,209 @@
+"""mixing.doremi: the update rule and the excess loss by hand, same-mask scoring, simplex safety,
+and a short end-to-end DoReMi writing a Mixture and its MLflow metrics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from infra.config import DoReMiConfig, MixConfig, ProxyConfig
+from infra.contracts import Mixture, load_mixture, write_artifact
+from mixing.doremi import (doremi_update, dro_loss, excess_loss, resolve_reference_weights, run_doremi,
+                           train_dro_proxy)
+from mixing.proxy import train_proxy
+from tests.training_fixtures import write_tiny_corpus
+from training.diffusion import token_terms
+
+TINY = dict(preset="test", d_model=32, n_layers=1, n_heads=2, d_ff=64, seq_len=32, batch_size=8,
+            lr=3e-3, warmup_steps=2, eval_docs_per_domain=4, mc_samples=2)
+
+
+def test_doremi_update_matches_hand_computation():
+    # alpha * exp(eta * lambda) = [0.5 e^0.1, 0.3 e^0, 0.2 e^0.5] = [0.55258546, 0.3, 0.32974425]
+    # sum 1.18232971 -> normalized [0.46737002, 0.25373633, 0.27889365]
+    # smoothing c = 0.1, k = 3: 0.9 * normalized + 0.1 / 3 = [0.45396635, 0.26169603, 0.28433762]
+    new = doremi_update(torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.1, 0.0, 0.5]), eta=1.0, smoothing=0.1)
+    assert new.tolist() == pytest.approx([0.45396635, 0.26169603, 0.28433762], abs=1e-8)
+    # eta scales the step: eta = 2 on lambda = [ln 2 / 2, 0] doubles the first odds: [2, 1] / 3.
+    new = doremi_update(torch.tensor([0.5, 0.5]), torch.tensor([math.log(2) / 2, 0.0], dtype=torch.float64),
+                        eta=2.0, smoothing=0.0)
+    assert new.tolist() == pytest.approx([2 / 3, 1 / 3], abs=1e-12)
+
+
+def _hand_batch():
+    proxy = torch.tensor([[1.0, 0.0, 2.0, 0.5], [0.2, 3.0, 0.0, 0.0], [1.0, 1.0, 0.5, 1.0]])
+    ref = torch.tensor([[0.5, 0.0, 3.0, 0.5], [0.4, 1.0, 0.0, 0.0], [2.0, 0.0, 0.5, 0.0]])
+    masked = torch.tensor([[1, 0, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    valid = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    domain = torch.tensor([0, 1, 0])
+    return proxy, ref, masked, valid, domain
+
+
+@pytest.mark.parametrize("clip, expected", [
+    # domain 0 (rows 0 and 2, 8 valid tokens): masked diffs 0.5, -1.0, 0.0 | -1.0, 1.0, 0.0
+    #   (row 2's last position is unmasked: its proxy-ref difference of 1.0 must be ignored)
+    #   token clip: (0.5 + 1.0) / 8 = 0.1875; aggregate: -0.5 / 8 = -0.0625 -> clipped 0
+    # domain 1 (row 1, 3 valid tokens): diffs -0.2, 2.0: token 2.0 / 3; aggregate 1.8 / 3 = 0.6
+    # domain 2: absent
+    ("token", [0.1875, 2.0 / 3, 0.0]),
+    ("domain", [0.0, 0.6, 0.0]),
+    ("none", [-0.0625, 0.6, 0.0]),
+])
+def test_excess_loss_by_hand(clip, expected):
+    proxy, ref, masked, valid, domain = _hand_batch()
+    lam, present = excess_loss(proxy, ref, masked, domain, 3, clip=clip, valid=valid)
+    assert lam.tolist() == pytest.approx(expected, abs=1e-7)  # float32 inputs
+    assert present.tolist() == [True, True, False]
+
+
+def test_excess_loss_rejects_unknown_clip():
+    proxy, ref, masked, valid, domain = _hand_batch()
+    with pytest.raises(ValueError):
+        excess_loss(proxy, ref, masked, domain, 3, clip="sequence")
+
+
+def test_dro_loss_reweights_by_alpha_over_sampling():
+    terms = torch.tensor([[1.0, 1.0], [3.0, 3.0]])
+    valid = torch.ones(2, 2, dtype=torch.bool)
+    domain = torch.tensor([0, 1])
+    # weights alpha/p = [0.25/0.5, 0.75/0.5] = [0.5, 1.5] per token: (0.5*2 + 1.5*6) / (0.5*2 + 1.5*2) = 10 / 4
+    loss = dro_loss(terms, valid, domain, torch.tensor([0.25, 0.75]), torch.tensor([0.5, 0.5]))
+    assert float(loss) == pytest.approx(2.5)
+
+
+def test_weights_stay_on_simplex_and_never_go_one_hot():
+    k, c = 4, 1e-3
+    gen = torch.Generator().manual_seed(0)
+    alpha = torch.full((k,), 1 / k, dtype=torch.float64)
+    for step in range(5000):
+        # extreme excess losses, one domain far ahead most of the time
+        excess = torch.randn(k, generator=gen, dtype=torch.float64) * 1e3
+        excess[0] = 1e6 if step % 7 else -1e6
+        alpha = doremi_update(alpha, excess, eta=1.0, smoothing=c)
+        assert torch.isfinite(alpha).all()
+        assert float(alpha.sum()) == pytest.approx(1.0, abs=1e-12)
+        assert float(alpha.min()) >= c / k - 1e-15
+        assert float(alpha.max()) <= 1 - (k - 1) * c / k + 1e-12
+
+
+def test_proxy_and_reference_are_scored_on_the_identical_draw(tmp_path):
+    corpus = write_tiny_corpus(tmp_path, ["alpha", "beta", "gamma"])
+    proxy_cfg = ProxyConfig(**TINY, steps=4)
+    cfg = DoReMiConfig(proxy=proxy_cfg)
+    weights = resolve_reference_weights(corpus.manifest, "natural")
+    reference = train_proxy(corpus.manifest, corpus.root, weights, proxy_cfg).model
+    calls = []
+
+    def recording(model, x0, segment_ids, draw, valid, mask_id):
+        terms = token_terms(model, x0, segment_ids, draw, valid, mask_id)
+        calls.append((model, draw, x0, terms.detach().clone()))
+        return terms
+
+    train_dro_proxy(corpus.manifest, corpus.root, reference, weights, cfg, proxy_cfg, scorer=recording)
+    assert len(calls) == 2 * proxy_cfg.steps
+    for (m_proxy, d_proxy, x_proxy, _), (m_ref, d_ref, x_ref, _) in zip(calls[::2], calls[1::2]):
+        assert m_ref is reference and m_proxy is not reference
+        assert d_proxy is d_ref and x_proxy is x_ref  # the very same NoiseDraw object and batch
+
+
+def test_model_against_itself_has_zero_excess(tmp_path):
+    corpus = write_tiny_corpus(tmp_path, ["alpha", "beta"])
+    proxy_cfg = ProxyConfig(**TINY, steps=3)
+    weights = {"alpha": 0.5, "beta": 0.5}
+    model = train_proxy(corpus.manifest, corpus.root, weights, proxy_cfg).model
+    from training.data import MixtureSampler
+    from training.diffusion import draw_noise
+    batch = MixtureSampler(corpus.manifest, corpus.root, weights, 32, 8, seed=3).next_batch()
+    draw = draw_noise(batch["valid"], torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = token_terms(model, batch["input_ids"], batch["segment_ids"], draw, batch["valid"], 1)
+        b = token_terms(model, batch["input_ids"], batch["segment_ids"], draw, batch["valid"], 1)
+    lam, present = excess_loss(a, b, draw.masked, batch["domain_index"], 2, clip="none", valid=batch["valid"])
+    assert lam.abs().max() == 0.0
+
+
+def test_reference_weight_specs(tmp_path):
+    corpus = write_tiny_corpus(tmp_path, ["alpha", "beta"])
+    assert resolve_reference_weights(corpus.manifest, "uniform") == {"alpha": 0.5, "beta": 0.5}
+    assert resolve_reference_weights(corpus.manifest, {"alpha": 3, "beta": 1}) == pytest.approx(
+        {"alpha": 0.75, "beta": 0.25})
+    with pytest.raises(ValueError):
+        resolve_reference_weights(corpus.manifest, {"nope": 1.0})
+    assert MixConfig(manifest="m", output="o").doremi.eta == 1.0
+
+
+def test_doremi_end_to_end_writes_mixture_and_mlflow_metrics(tmp_path, mlflow_uri):
+    import mlflow
+
+    corpus = write_tiny_corpus(tmp_path / "corpus", {"alpha": 1, "beta": 3, "gamma": 5})
+    steps = 12
+    cfg = DoReMiConfig(proxy=ProxyConfig(**TINY, steps=steps), rounds=2, tol=1e-9)
+    result = run_doremi(corpus.manifest, corpus.root, cfg)
+    assert len(result.rounds) == 2 and not result.converged
+    assert result.rounds[1].reference_weights == result.rounds[0].weights  # iterated: ref = previous average
+    for r in result.rounds:
+        assert sum(r.weights.values()) == pytest.approx(1.0)
+        assert min(r.weights.values()) >= cfg.smoothing / 3 - 1e-12
+        assert len(r.trajectory) == steps and len(r.excess) == steps
+        assert set(r.reference_eval) == set(r.proxy_eval) == {"alpha", "beta", "gamma"}
+
+    mixture = result.to_mixture(corpus.manifest)
+    path = str(tmp_path / "mixture.json")
+    write_artifact(mixture, path)
+    loaded = load_mixture(path)
+    assert isinstance(loaded, Mixture) and loaded.method == "doremi"
+    assert loaded.details["eta"] == 1.0 and loaded.details["rounds"] == 2 and loaded.details["steps"] == steps
+    assert loaded.reference_weights == pytest.approx(resolve_reference_weights(corpus.manifest, "natural"))
+    shaped = result.to_doremi_json()
+    assert set(shaped) == {"train_domain_weights", "eval_domain_weights"}
+
+    client = mlflow.tracking.MlflowClient()
+    exp_ids = [e.experiment_id for e in client.search_experiments()]
+    rounds = client.search_runs(exp_ids, "tags.`maskmix.stage` = 'doremi_round'")
+    assert len(rounds) == 2
+    proxies = client.search_runs(exp_ids, "tags.`maskmix.stage` = 'doremi_proxy'")
+    assert len(proxies) == 2
+    for run in proxies:
+        for d in ("alpha", "beta", "gamma"):
+            history = client.get_metric_history(run.info.run_id, f"doremi/weight/{d}")
+            assert len(history) == steps
+            assert len(client.get_metric_history(run.info.run_id, f"doremi/excess/{d}")) == steps
+        assert client.get_metric_history(run.info.run_id, "doremi/proxy_loss/gamma")
+        assert client.get_metric_history(run.info.run_id, "doremi/ref_loss/gamma")
+    parents = {r.data.tags.get("mlflow.parentRunId") for r in rounds}
+    assert parents == {result.mlflow_run_id}
+
+
+def _corpus_with_noise_domain(root, vocab: int = 32):
+    """Two learnable domains (tiny-corpus progressions) and one of uniformly random tokens."""
+    import os
+
+    import numpy as np
+
+    from infra.contracts import DomainShards
+    from tests.training_fixtures import write_shard
+
+    corpus = write_tiny_corpus(root, ["learn_a", "learn_b", "noise"], vocab_size=vocab, docs_per_shard=40)
+    rng = np.random.default_rng(0)
+    shards = []
+    for shard in corpus.manifest.domains["noise"].shards:
+        docs = [[int(t) for t in rng.integers(4, vocab, size=int(rng.integers(4, 40)))] for _ in range(shard.rows)]
+        info = write_shard(os.path.join(corpus.root, shard.path), docs,
+                           [f"noise-{shard.split}-{i}-{shard.path}" for i in range(len(docs))])
+        shards.append(info.model_copy(update={"path": shard.path, "split": shard.split}))
+    domains = dict(corpus.manifest.domains)
+    domains["noise"] = DomainShards(shards=shards)
+    return corpus.manifest.model_copy(update={"domains": domains}), corpus.root
+
+
+def test_unlearnable_domain_is_not_upweighted_most_in_a_short_run(tmp_path, mlflow_uri):
+    # A short seeded run with the domain-aggregate clip. (Characterised, not a law: with longer runs
+    # and per-token clipping the noise domain's upward-biased clipped excess can win; see the report.)
+    manifest, root = _corpus_with_noise_domain(str(tmp_path / "corpus"))
+    cfg = DoReMiConfig(proxy=ProxyConfig(**{**TINY, "eval_docs_per_domain": 8}, steps=40), clip="domain")
+    result = run_doremi(manifest, root, cfg)
+    assert result.weights["noise"] < max(result.weights["learn_a"], result.weights["learn_b"])
+    assert result.rounds[0].reference_eval["noise"].nats_per_token > max(
+        result.rounds[0].reference_eval[d].nats_per_token for d in ("learn_a", "learn_b"))
