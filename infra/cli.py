@@ -1,7 +1,9 @@
 """`maskmix` command line: one verb per stage, each reading one YAML config.
 
     maskmix pipeline run CONFIG   raw corpora -> shards + manifest.json
-    maskmix mix CONFIG            manifest -> mixture.json
+    maskmix mix baseline CONFIG   manifest -> mixture.json (natural | uniform | temperature)
+    maskmix mix doremi CONFIG     manifest -> mixture.json (+ DoReMi-shaped export) from proxy runs
+    maskmix mix laws CONFIG       manifest -> mixture.json from a proxy sweep + fitted mixing law
     maskmix train CONFIG          manifest + mixture -> checkpoint (+ per-domain eval)
     maskmix eval CONFIG           checkpoint -> per-domain NELBO, perplexity bound, bits/byte
     maskmix sample [CONFIG]       checkpoint + the manifest's tokenizer -> generated texts
@@ -28,7 +30,10 @@ app = typer.Typer(help=__doc__.split("\n\n")[0] + "\n\nmaskmix: data pipeline, m
                   pretty_exceptions_enable=False, add_completion=False)
 pipeline_app = typer.Typer(help="Corpus pipelines on Ray Data.", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect configuration.", no_args_is_help=True)
+mix_app = typer.Typer(help="Compute a mixture (the `mix:` section) and write mixture.json: "
+                      "baseline | doremi | laws, each an MLflow run.", no_args_is_help=True)
 app.add_typer(pipeline_app, name="pipeline")
+app.add_typer(mix_app, name="mix")
 app.add_typer(config_app, name="config")
 
 ConfigArg = typer.Argument(..., exists=False, help="YAML config file (see configs/).")
@@ -81,17 +86,60 @@ def pipeline_run(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt,
                    f"{shards.rows('validation'):>6} validation docs")
 
 
-@app.command()
-def mix(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt):
-    """Compute a mixture (the `mix:` section: natural or uniform) and write mixture.json."""
-    _setup_logging(False)
+def _weights_table(mixture) -> str:
+    ref = mixture.reference_weights or {}
+    lines = [f"{'domain':<16} {'weight':>8} {'natural':>8}"]
+    lines += [f"{d:<16} {w:>8.4f} {ref.get(d, float('nan')):>8.4f}" for d, w in sorted(mixture.weights.items())]
+    return "\n".join(lines)
+
+
+def _mix(method: str, config: Path, set_: Optional[list[str]], verbose: bool) -> None:
+    _setup_logging(verbose)
     try:
         from infra.stages import run_mix_stage
 
-        mixture = run_mix_stage(_load(config, set_))
+        cfg = _load(config, set_)
+        mixture = run_mix_stage(cfg, method, progress=lambda msg: typer.echo(msg, err=True))
     except MaskmixError as e:
         _fail(e)
-    typer.echo(json.dumps(mixture.weights, indent=2, sort_keys=True))
+    typer.echo(f"mixture ({mixture.method}): {cfg.mix.output}")
+    typer.echo(_weights_table(mixture))
+    if method == "doremi":
+        from mixing.run import doremi_export_path
+
+        typer.echo(f"DoReMi-shaped export: {doremi_export_path(cfg.mix.output)}")
+    if method == "laws":
+        details = mixture.details
+        intervals = (details.get("intervals") or {}).get("loss", {})
+        level = (details.get("intervals") or {}).get("level")
+        typer.echo(f"\npredicted validation loss (nats/token){f' with {level:.0%} bootstrap intervals' if level else ''}:")
+        for d, loss in sorted(details["predicted_losses"].items()):
+            lo_hi = intervals.get(d)
+            typer.echo(f"  {d:<16} {loss:.4f}" + (f"  [{lo_hi[0]:.4f}, {lo_hi[1]:.4f}]" if lo_hi else ""))
+        held = (details.get("fit") or {}).get("held_out")
+        if held:
+            typer.echo(f"held-out fit error: mae {held['mae']:.4f} nats over {held['n']} runs")
+
+
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="Log at INFO level.")
+
+
+@mix_app.command("baseline")
+def mix_baseline(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt, verbose: bool = VerboseOpt):
+    """Baseline mixture (mix.method: natural | uniform | temperature) -> mixture.json."""
+    _mix("baseline", config, set_, verbose)
+
+
+@mix_app.command("doremi")
+def mix_doremi(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt, verbose: bool = VerboseOpt):
+    """DoReMi with masked-diffusion proxies (mix.doremi) -> mixture.json + <stem>.doremi.json."""
+    _mix("doremi", config, set_, verbose)
+
+
+@mix_app.command("laws")
+def mix_laws(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt, verbose: bool = VerboseOpt):
+    """Data mixing laws: proxy sweep (mix.sweep), fit and capped optimum (mix.laws) -> mixture.json."""
+    _mix("laws", config, set_, verbose)
 
 
 @app.command()

@@ -172,7 +172,14 @@ class DoReMiConfig(_Section):
 
 
 class LawsConfig(_Section):
-    """Data mixing laws (mixing/laws.py): fit, nested step/size laws, capped optimizer."""
+    """Data mixing laws (mixing/laws.py): fit, nested step/size laws, capped optimizer.
+
+    `maskmix mix laws` trains one proxy (`proxy:`) per sampled mixture in a sweep (`mix.sweep`),
+    fits the law on their per-domain losses and optimizes under repetition caps. The caps assume
+    a token budget of proxy.steps × proxy.batch_size × proxy.seq_len (what one proxy run reads).
+    """
+
+    proxy: ProxyConfig = ProxyConfig()
 
     restarts: int = Field(8, ge=0, description="random restarts per validation domain (plus log-linear starts)")
     huber_delta: float = Field(0.01, gt=0, description="Huber f_scale in nats")
@@ -189,7 +196,8 @@ class LawsConfig(_Section):
 
 class MixConfig(_Section):
     manifest: str = Field(description="manifest.json of a pipeline run")
-    method: Literal["natural", "uniform", "temperature"] = "natural"
+    method: Literal["natural", "uniform", "temperature"] = Field(
+        "natural", description="baseline method (`maskmix mix baseline`); doremi and laws are their own verbs")
     temperature: float = Field(1.0, gt=0, description="temperature: w_i ∝ n_i^(1/τ); 1 natural, large → uniform")
     output: str = Field(description="where to write mixture.json")
     sweep: SweepConfig = SweepConfig()

@@ -20,10 +20,11 @@ def run_pipeline_stage(cfg: MaskmixConfig, progress: Callable[[str], None] = pri
     return run_pipeline(cfg.require("pipeline"), cfg.storage, cfg.ray, progress)
 
 
-def run_mix_stage(cfg: MaskmixConfig):
-    from mixing.baselines import run_mix
+def run_mix_stage(cfg: MaskmixConfig, method: str = "baseline", progress: Callable[[str], None] | None = None):
+    """`maskmix mix METHOD`: baseline (mix.method: natural | uniform | temperature), doremi or laws."""
+    from mixing.run import run_mix
 
-    return run_mix(cfg.require("mix"), cfg.storage)
+    return run_mix(cfg.require("mix"), cfg.storage, cfg.ray, method=method, progress=progress)
 
 
 def run_train_stage(cfg: MaskmixConfig, progress: Callable[[str], None] = print):

@@ -11,8 +11,7 @@ import math
 
 from infra import tracking
 from infra.config import MixConfig, StorageConfig
-from infra.contracts import Manifest, Mixture, artifact_sha256, load_manifest, write_artifact
-from infra.storage import Storage
+from infra.contracts import Manifest, Mixture, artifact_sha256
 
 
 def uniform_weights(manifest: Manifest) -> dict[str, float]:
@@ -62,15 +61,7 @@ def baseline_mixture(manifest: Manifest, method: str, temperature: float = 1.0) 
 
 
 def run_mix(cfg: MixConfig, storage_cfg: StorageConfig | None = None) -> Mixture:
-    """`maskmix mix`: compute the configured mixture, write mixture.json, log it as an MLflow run."""
-    storage = Storage(storage_cfg)
-    manifest = load_manifest(cfg.manifest, storage)
-    params = {"method": cfg.method, "manifest": cfg.manifest, "output": cfg.output}
-    if cfg.method == "temperature":
-        params["temperature"] = cfg.temperature
-    with tracking.stage_run("mix", params=params):
-        mixture = baseline_mixture(manifest, cfg.method, temperature=cfg.temperature)
-        write_artifact(mixture, cfg.output, storage)
-        tracking.log_json(mixture.model_dump(mode="json"), "mixture.json")
-        tracking.log_metrics({f"weight/{d}": w for d, w in mixture.weights.items()})
-    return mixture
+    """`maskmix mix baseline`: compute the configured baseline, write mixture.json, log a "mix" run."""
+    from mixing.run import run_mix as run
+
+    return run(cfg, storage_cfg, method="baseline", progress=None)

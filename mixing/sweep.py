@@ -38,6 +38,7 @@ import ray
 from infra import tracking
 from infra.cluster import ensure_ray
 from infra.config import RayConfig, StorageConfig
+from infra.errors import MaskmixError
 
 RunFn = Callable[[dict[str, float], str], dict[str, Any]]
 
@@ -86,7 +87,7 @@ class SweepResult:
         return self.status == "finished"
 
 
-class SweepError(RuntimeError):
+class SweepError(MaskmixError):
     """Some runs failed; ``results`` holds every run's SweepResult (in input order) all the same."""
 
     def __init__(self, message: str, results: list[SweepResult]):

@@ -33,6 +33,11 @@ def test_help_lists_every_verb(tmp_path):
         assert verb in out.stdout
     sub = _run(["train", "--help"], tmp_path)
     assert "--set" in sub.stdout and "resumes" in sub.stdout
+    mix = _run(["mix", "--help"], tmp_path)
+    assert mix.returncode == 0, mix.stderr
+    for verb in ("baseline", "doremi", "laws"):
+        assert verb in mix.stdout
+    assert "--set" in _run(["mix", "laws", "--help"], tmp_path).stdout
 
 
 def test_unknown_key_is_one_clear_error(tmp_path):
@@ -48,7 +53,7 @@ def test_missing_manifest_is_a_clear_error(tmp_path):
     cfg = tmp_path / "mix.yaml"
     cfg.write_text(f"tracking: {{uri: 'sqlite:///{tmp_path}/m.db'}}\n"
                    f"mix: {{manifest: {tmp_path}/nope.json, output: {tmp_path}/mix.json}}\n")
-    out = _run(["mix", str(cfg)], tmp_path)
+    out = _run(["mix", "baseline", str(cfg)], tmp_path)
     assert out.returncode == 2
     assert "nope.json: no such Manifest file" in out.stderr
 
