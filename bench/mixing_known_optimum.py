@@ -1,0 +1,252 @@
+#!/usr/bin/env python
+"""Mixture optimizers on data with a known answer: regret of uniform, natural, DoReMi and the mixing law.
+
+Four training domains, each a synthetic HMM over the same 24 symbols (pipelines.synthetic),
+written DIRECTLY as token-id shards (ids 0..23 the symbols, 24 pad, 25 mask; one document per
+sequence, as tests/test_training_hmm.py) into a temporary manifest:
+
+* ``markov``   - a sharp (learnable) HMM, plenty of documents;
+* ``noise``    - a near-uniform HMM (high Dirichlet concentration): almost nothing to learn;
+* ``small``    - another sharp HMM with few documents, so any real weight on it repeats them;
+* ``transfer`` - a close perturbation of the TARGET HMM (its rows mixed with a little noise).
+
+The target is the validation loss (NELBO, nats/token, training.evaluate) on documents of the
+target HMM, which no training domain holds; average and worst-domain loss are over the
+learnable domains' own validation splits (markov, small, transfer).
+
+The "true optimum" is found by brute force: every mixture of a simplex grid (resolution
+``--grid``; 1/grid steps) is trained with mixing.proxy.train_proxy at one budget and seed, and the
+best target loss wins. Each method then picks a mixture, that mixture is trained with the SAME
+config and seed as the grid, and regret = its target loss - the optimum's. Budget = proxy steps
+spent choosing the mixture: baselines 0; DoReMi reference + DRO proxy steps per round; the
+mixing law the sum of its sweep's steps (its own double-diminishing mixtures, fitted on the
+target loss, then MixingLaw.optimize). The grid is NOT counted in anyone's budget (it is the
+answer key). A method can come out slightly below the grid optimum (negative regret): the grid is
+discrete and the runs are noisy.
+
+    python bench/mixing_known_optimum.py            # grid 1/4 (35 runs), 300 steps
+    python bench/mixing_known_optimum.py --quick    # grid 1/2 (10 runs), 120 steps
+    python bench/mixing_known_optimum.py --quick --tiny   # seconds: a smoke test only
+Ends with one JSON line: bench, regret, gap_uniform_to_optimum, budget, optimum_weights,
+weights, target_loss, average_loss, worst_loss (per method), wall_s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+N_SYMBOLS, N_STATES = 24, 4
+PAD, MASK = N_SYMBOLS, N_SYMBOLS + 1
+DOMAINS = ("markov", "noise", "small", "transfer")
+LEARNABLE = ("markov", "small", "transfer")
+
+
+# --------------------------------------------------------------------------- the corpus
+
+
+def make_hmms(seed: int) -> dict:
+    from pipelines.synthetic import HMM
+
+    rng = np.random.default_rng(seed)
+    target = HMM.random(N_STATES, N_SYMBOLS, rng, concentration=0.05)
+    other = HMM.random(N_STATES, N_SYMBOLS, rng, concentration=0.5)
+
+    def perturb(h, eps):  # rows stay distributions: (1-eps)·row + eps·(random row)
+        return HMM(initial=(1 - eps) * h.initial + eps * other.initial,
+                   transition=(1 - eps) * h.transition + eps * other.transition,
+                   emission=(1 - eps) * h.emission + eps * other.emission)
+
+    return {"markov": HMM.random(N_STATES, N_SYMBOLS, rng, concentration=0.05),
+            "noise": HMM.random(N_STATES, N_SYMBOLS, rng, concentration=50.0),
+            "small": HMM.random(N_STATES, N_SYMBOLS, rng, concentration=0.05),
+            "transfer": perturb(target, 0.15),
+            "target": target}
+
+
+def write_corpus(root: str, hmms: dict, seq_len: int, train_docs: dict[str, int], eval_docs: int, seed: int):
+    """Shards + manifests under ``root``: the training manifest (4 domains) and the target's (validation only)."""
+    from infra.contracts import DomainShards, Manifest, TokenizerInfo, write_artifact
+    from tests.training_fixtures import write_shard
+
+    rng = np.random.default_rng(seed + 1)
+    tokenizer = TokenizerInfo(path="tokenizer.json", sha256="0" * 64, vocab_size=N_SYMBOLS + 2,
+                              special_ids={"pad": PAD, "mask": MASK})
+    shards: dict[str, list] = {}
+    for name, hmm in hmms.items():
+        layout = [("validation", "validation-00000", eval_docs)]
+        if name != "target":
+            layout.insert(0, ("train", "part-00000", train_docs[name]))
+        for split, stem, n in layout:
+            docs = np.stack([hmm.sample(seq_len, rng) for _ in range(n)])
+            rel = f"shards/{name}/{stem}.parquet"
+            info = write_shard(os.path.join(root, rel), docs.tolist(), [f"{name}-{split}-{i}" for i in range(n)],
+                               bytes_per_token=1)
+            shards.setdefault(name, []).append(info.model_copy(update={"path": rel, "split": split}))
+    paths = {}
+    for key, names in (("train", DOMAINS), ("target", ("target",))):
+        manifest = Manifest(config_hash=f"bench-{key}", tokenizer=tokenizer,
+                            domains={d: DomainShards(shards=shards[d]) for d in names})
+        paths[key] = os.path.join(root, f"manifest_{key}.json")
+        write_artifact(manifest, paths[key])
+    return paths
+
+
+# --------------------------------------------------------------------------- one proxy run (a worker)
+
+
+def _setup_worker(root: str) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    # DoReMi opens MLflow runs; keep them in the temp dir (a file store: no sqlite start-up cost).
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    os.environ["MLFLOW_TRACKING_URI"] = "file://" + os.path.join(root, "mlruns")
+
+
+def train_and_score(root: str, paths: dict, weights: dict[str, float], cfg_dict: dict) -> dict:
+    """Train a proxy on ``weights``; its per-domain validation loss and the target loss (nats/token)."""
+    from infra.config import ProxyConfig
+    from infra.contracts import load_manifest
+    from mixing.proxy import evaluate_proxy, train_proxy
+
+    cfg = ProxyConfig(**cfg_dict)
+    manifest = load_manifest(paths["train"])
+    result = train_proxy(manifest, root, {d: float(w) for d, w in weights.items()}, cfg)
+    target = evaluate_proxy(result.model, load_manifest(paths["target"]), root, cfg)["target"]
+    losses = {d: r.nats_per_token for d, r in result.eval.items()}
+    return {"weights": weights, "target": target.nats_per_token, "target_ci95": target.ci95, "domains": losses,
+            "average": float(np.mean([losses[d] for d in LEARNABLE])),
+            "worst": float(max(losses[d] for d in LEARNABLE)), "wall_s": result.wall_s}
+
+
+def run_doremi_worker(root: str, paths: dict, cfg_dict: dict, eta: float, smoothing: float) -> dict:
+    import mlflow
+
+    from infra.config import DoReMiConfig, ProxyConfig
+    from infra.contracts import load_manifest
+    from mixing.doremi import run_doremi
+
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    cfg = DoReMiConfig(proxy=ProxyConfig(**cfg_dict), eta=eta, smoothing=smoothing, clip="domain")
+    res = run_doremi(load_manifest(paths["train"]), root, cfg)
+    return {"weights": res.weights, "steps": sum(2 * r.steps for r in res.rounds), "wall_s": res.wall_s}
+
+
+def simplex_grid(m: int, resolution: int) -> np.ndarray:
+    points = [c for c in itertools.product(range(resolution + 1), repeat=m) if sum(c) == resolution]
+    return np.array(points, dtype=float) / resolution
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="coarse grid and short runs")
+    parser.add_argument("--tiny", action="store_true", help="shrink everything to seconds (smoke test)")
+    parser.add_argument("--grid", type=int, help="grid resolution (points at multiples of 1/grid)")
+    parser.add_argument("--steps", type=int, help="proxy steps per run (grid, methods, sweeps, DoReMi)")
+    parser.add_argument("--law-runs", type=int, help="mixtures in the mixing-law sweep")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    if args.tiny:
+        grid, steps, law_runs, seq_len, batch, eval_docs, mc = 1, 6, 5, 32, 8, 8, 1
+        train_docs = {"markov": 64, "noise": 64, "small": 4, "transfer": 64}
+    elif args.quick:
+        grid, steps, law_runs, seq_len, batch, eval_docs, mc = 2, 120, 8, 64, 16, 48, 2
+        train_docs = {"markov": 2000, "noise": 2000, "small": 24, "transfer": 2000}
+    else:
+        grid, steps, law_runs, seq_len, batch, eval_docs, mc = 4, 300, 16, 64, 16, 96, 4
+        train_docs = {"markov": 4000, "noise": 4000, "small": 48, "transfer": 4000}
+    grid = args.grid or grid
+    steps = args.steps or steps
+    law_runs = args.law_runs or law_runs
+    cfg = dict(preset="test", seq_len=seq_len, batch_size=batch, steps=steps, lr=3e-3,
+               warmup_steps=max(1, steps // 10), weight_decay=0.0, seed=args.seed,
+               eval_docs_per_domain=eval_docs, mc_samples=mc)
+
+    started = time.perf_counter()
+    root = tempfile.mkdtemp(prefix="mixing_known_optimum_")
+    _setup_worker(root)
+    from infra.contracts import load_manifest
+    from mixing.baselines import natural_weights, uniform_weights
+    from mixing.laws import MixingLaw
+    from mixing.sampling import double_diminishing
+
+    paths = write_corpus(root, make_hmms(args.seed), seq_len, train_docs, eval_docs, args.seed)
+    manifest = load_manifest(paths["train"])
+    names = manifest.domain_names()
+    as_dict = lambda r: {d: float(r[i]) for i, d in enumerate(names)}  # noqa: E731
+
+    mixtures = simplex_grid(len(names), grid)
+    law_mix = double_diminishing(len(names), law_runs, levels=2, seed=args.seed)
+
+    with ProcessPoolExecutor(max_workers=args.workers, initializer=_setup_worker, initargs=(root,)) as pool:
+        # DoReMi first (its two runs are sequential, so it overlaps with the grid).
+        doremi_future = pool.submit(run_doremi_worker, root, paths, cfg, 1.0, 1e-3)
+        grid_futures = [pool.submit(train_and_score, root, paths, as_dict(r), cfg) for r in mixtures]
+        law_futures = [pool.submit(train_and_score, root, paths, as_dict(r), cfg) for r in law_mix]
+        grid_runs = [f.result() for f in grid_futures]
+        law_sweep = [f.result() for f in law_futures]
+
+        law = MixingLaw(domains=names).fit(law_mix, np.array([r["target"] for r in law_sweep]),
+                                           holdout_fraction=0.2 if law_runs >= 10 else 0.0, seed=args.seed)
+        law_weights = law.optimize(seed=args.seed).weights_dict()
+        doremi = doremi_future.result()
+
+        chosen = {"uniform": uniform_weights(manifest), "natural": natural_weights(manifest),
+                  "doremi": doremi["weights"], "mixing_law": law_weights}
+        budget = {"optimum": 0, "uniform": 0, "natural": 0, "doremi": doremi["steps"],
+                  "mixing_law": steps * len(law_mix)}
+        method_futures = {m: pool.submit(train_and_score, root, paths, w, cfg) for m, w in chosen.items()}
+        results = {m: f.result() for m, f in method_futures.items()}
+
+    shutil.rmtree(root, ignore_errors=True)  # shards, manifests and DoReMi's MLflow file store
+    best = min(range(len(grid_runs)), key=lambda i: grid_runs[i]["target"])
+    results = {"optimum": grid_runs[best], **results}
+    optimum_loss = results["optimum"]["target"]
+    regret = {m: r["target"] - optimum_loss for m, r in results.items()}
+
+    print(f"{len(grid_runs)} grid runs at 1/{grid}, {steps} steps each; law sweep {len(law_mix)} runs; "
+          f"target = validation NELBO on the target HMM (nats/token)")
+    print(f"{'method':<11} {'target':>7} {'regret':>8} {'average':>8} {'worst':>7} {'budget':>7}  weights "
+          + "/".join(names))
+    for m, r in results.items():
+        w = "/".join(f"{r['weights'][d]:.2f}" for d in names)
+        print(f"{m:<11} {r['target']:7.4f} {regret[m]:+8.4f} {r['average']:8.4f} {r['worst']:7.4f} "
+              f"{budget[m]:7d}  {w}")
+    grid_targets = sorted(r["target"] for r in grid_runs)
+    print(f"grid target losses: best {grid_targets[0]:.4f}, median {np.median(grid_targets):.4f}, "
+          f"worst {grid_targets[-1]:.4f}; target ci95 of one run ±{results['optimum']['target_ci95']:.4f}")
+    if law.report is not None:
+        print(f"mixing law fit on {law.report.n_train} runs: {law.report.in_sample}; held out: {law.report.held_out}")
+
+    out = {"bench": "mixing_known_optimum", "regret": regret,
+           "gap_uniform_to_optimum": regret["uniform"], "budget": budget,
+           "optimum_weights": results["optimum"]["weights"],
+           "weights": {m: r["weights"] for m, r in results.items()},
+           "target_loss": {m: r["target"] for m, r in results.items()},
+           "average_loss": {m: r["average"] for m, r in results.items()},
+           "worst_loss": {m: r["worst"] for m, r in results.items()},
+           "grid_runs": len(grid_runs), "grid_resolution": grid, "steps": steps, "seed": args.seed,
+           "wall_s": time.perf_counter() - started}
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
