@@ -29,6 +29,7 @@ from training.data import MixtureSampler
 from training.diffusion import draw_noise, nelbo_loss, token_terms
 from training.evaluate import DomainEval, evaluate
 from training.model import MaskedDiffusionTransformer, build_model_args
+from training import schedule
 from training.schedule import lr_multiplier
 
 
@@ -102,8 +103,7 @@ def make_optimizer(model: torch.nn.Module, cfg: ProxyConfig) -> torch.optim.Opti
 def set_lr(optimizer: torch.optim.Optimizer, cfg: ProxyConfig, step: int) -> float:
     """Warmup + cosine (training.schedule) for optimizer step ``step`` (0-based)."""
     lr = cfg.lr * lr_multiplier(step, max(1, cfg.warmup_steps), cfg.steps, cfg.min_lr_ratio, "cosine")
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    schedule.set_lr(optimizer, lr)
     return lr
 
 
