@@ -169,6 +169,12 @@ class DoReMiConfig(_Section):
     rounds: int = Field(1, gt=0, description="max rounds of iterated DoReMi")
     tol: float = Field(1e-3, gt=0, description="stop when ||avg alpha - alpha_ref||_inf < tol")
     seed: int = 0
+    max_epochs: float | None = Field(
+        None, gt=0, description="per-domain repetition cap (epochs): each round's averaged weights are "
+        "projected (Euclidean) onto the simplex capped at min(1, max_epochs * U_i / token_budget); None: no cap")
+    token_budget: int | None = Field(
+        None, gt=0, description="tokens of the planned run the caps are for; None: proxy.steps * "
+        "proxy.batch_size * proxy.seq_len (what one proxy run reads, as mix.laws does)")
 
 
 class LawsConfig(_Section):

@@ -25,6 +25,15 @@ One round, as in DESIGN.md ("The science, stated once"):
    weights, so the weight undoes the sampling and applies α) and the sum is normalised by the sum
    of those weights over all valid tokens of the batch. In expectation that is Σ_i α_i L_i.
 5. the output is the average of α over the steps, with the initial α counted once (as the code).
+6. repetition cap (optional, ``max_epochs``): the averaged α is projected (Euclidean,
+   mixing.sampling.project_capped_simplex) onto {Σr = 1, 0 ≤ r_i ≤ cap_i} with
+   cap_i = min(1, max_epochs · U_i / D) (mixing.repetition.max_proportions), U_i the manifest's
+   training tokens of domain i and D = ``token_budget`` (default: what one proxy run reads,
+   proxy.steps × batch_size × seq_len, the rule mix.laws uses). Without it DoReMi happily puts
+   most of the weight on a tiny domain the reference barely saw (large excess loss), which a real
+   run can only serve by repeating it many times. α inside the Group-DRO loop is NOT capped: the
+   cap concerns the final run's data, not the proxy's reweighting (and the exponentiated-gradient
+   step's own projection would be a KL one, not this Euclidean one).
 
 Iterated DoReMi: the next round's reference weights are this round's averaged α, until
 ‖ᾱ − α_ref‖∞ < tol or ``rounds`` rounds.
@@ -47,6 +56,8 @@ from infra.config import DoReMiConfig, ProxyConfig
 from infra.contracts import Manifest, Mixture, artifact_sha256
 from infra.storage import Storage
 from mixing.baselines import natural_weights, uniform_weights
+from mixing.repetition import max_proportions, repetition_report
+from mixing.sampling import project_capped_simplex
 from mixing.proxy import (MetricBuffer, build_proxy_model, evaluate_proxy, make_optimizer, noise_generator,
                           optimizer_step, set_lr, train_proxy)
 from training.data import MixtureSampler
@@ -132,6 +143,7 @@ class RoundResult:
     proxy_eval: dict[str, DomainEval] = field(default_factory=dict)
     steps: int = 0
     wall_s: float = 0.0
+    uncapped_weights: dict[str, float] | None = None  # the average before the repetition cap (None: no cap)
 
     @property
     def distance(self) -> float:
@@ -161,8 +173,23 @@ class DoReMiResult:
                 "round_weights": [r.weights for r in self.rounds],
                 "round_distance": [r.distance for r in self.rounds],
                 "loss_weighting": "nelbo (CE / p(t))",
+                **self._repetition_details(manifest),
             },
         )
+
+    def _repetition_details(self, manifest: Manifest) -> dict:
+        if self.config.max_epochs is None:
+            return {}
+        caps, budget, unique, domains = repetition_caps(manifest, self.config)
+        weights = _normalized(self.weights)
+        report = repetition_report([weights[d] for d in domains], unique, budget, self.config.max_epochs,
+                                   domains=domains).to_dict()
+        return {"max_epochs": self.config.max_epochs, "budget_tokens": budget,
+                "budget_rule": ("doremi.token_budget" if self.config.token_budget is not None
+                                else "proxy.steps * proxy.batch_size * proxy.seq_len"),
+                "caps": {d: float(c) for d, c in zip(domains, caps)},
+                "uncapped_weights": [r.uncapped_weights for r in self.rounds],
+                "repetition": report}
 
     def to_doremi_json(self) -> dict:
         """DoReMi's config shape (sangmichaelxie/doremi configs/*.json). eval weights: the round-1 reference."""
@@ -179,6 +206,26 @@ def _normalized(weights: dict[str, float]) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------- the runs
+
+
+def repetition_caps(manifest: Manifest, cfg: DoReMiConfig):
+    """(caps [k], budget D, unique tokens U [k], domains) for ``cfg.max_epochs``; caps = min(1, max_epochs·U/D)."""
+    if cfg.max_epochs is None:
+        raise ValueError("repetition_caps needs cfg.max_epochs")
+    domains = manifest.domain_names()
+    unique = [float(manifest.domains[d].tokens("train")) for d in domains]
+    if min(unique) <= 0:
+        raise ValueError(f"domains without training tokens: {[d for d, u in zip(domains, unique) if u <= 0]}")
+    p = cfg.proxy
+    budget = cfg.token_budget if cfg.token_budget is not None else p.steps * p.batch_size * p.seq_len
+    return max_proportions(unique, budget, cfg.max_epochs), int(budget), unique, domains
+
+
+def cap_weights(weights: dict[str, float], caps: dict[str, float]) -> dict[str, float]:
+    """Euclidean projection of ``weights`` onto {Σr = 1, 0 ≤ r_d ≤ caps[d]} (unchanged if already inside)."""
+    domains = list(weights)
+    r = project_capped_simplex([weights[d] for d in domains], hi=[caps[d] for d in domains])
+    return {d: float(r[i]) for i, d in enumerate(domains)}
 
 
 def resolve_reference_weights(manifest: Manifest, spec) -> dict[str, float]:
@@ -253,8 +300,12 @@ def train_dro_proxy(manifest: Manifest, manifest_dir: str, reference: torch.nn.M
 
     average = alpha_sum / (proxy_cfg.steps + 1)
     average = average / average.sum()
-    return RoundResult(reference_weights=dict(reference_weights),
-                       weights={d: float(average[i]) for i, d in enumerate(domains)},
+    weights = {d: float(average[i]) for i, d in enumerate(domains)}
+    uncapped = None
+    if cfg.max_epochs is not None:
+        caps, _, _, cap_domains = repetition_caps(manifest, cfg)
+        uncapped, weights = weights, cap_weights(weights, dict(zip(cap_domains, caps)))
+    return RoundResult(reference_weights=dict(reference_weights), weights=weights, uncapped_weights=uncapped,
                        trajectory=trajectory, excess=excess_log,
                        proxy_eval=evaluate_proxy(model, manifest, manifest_dir, proxy_cfg, storage),
                        steps=proxy_cfg.steps)
@@ -271,6 +322,8 @@ def run_doremi(manifest: Manifest, manifest_dir: str, cfg: DoReMiConfig | None =
     storage = storage or Storage()
     start = time.perf_counter()
     reference_weights = resolve_reference_weights(manifest, cfg.reference_weights)
+    if cfg.max_epochs is not None:
+        repetition_caps(manifest, cfg)  # an infeasible cap fails here, before any training
     rounds: list[RoundResult] = []
     converged = False
     with tracking.stage_run("doremi", params={"doremi": cfg.model_dump()}):

@@ -10,8 +10,8 @@ import torch
 
 from infra.config import DoReMiConfig, MixConfig, ProxyConfig
 from infra.contracts import Mixture, load_mixture, write_artifact
-from mixing.doremi import (doremi_update, dro_loss, excess_loss, resolve_reference_weights, run_doremi,
-                           train_dro_proxy)
+from mixing.doremi import (cap_weights, doremi_update, dro_loss, excess_loss, repetition_caps,
+                           resolve_reference_weights, run_doremi, train_dro_proxy)
 from mixing.proxy import train_proxy
 from tests.training_fixtures import write_tiny_corpus
 from training.diffusion import token_terms
@@ -174,6 +174,45 @@ def test_doremi_end_to_end_writes_mixture_and_mlflow_metrics(tmp_path, mlflow_ur
         assert client.get_metric_history(run.info.run_id, "doremi/ref_loss/gamma")
     parents = {r.data.tags.get("mlflow.parentRunId") for r in rounds}
     assert parents == {result.mlflow_run_id}
+
+
+def test_cap_weights_is_the_euclidean_projection_by_hand():
+    # One domain over its cap: it sits at the cap and the excess 0.84 is shared EQUALLY (a shift,
+    # not a rescale): r = clip(v + 0.28, 0, cap) -> [0.1, 0.30, 0.30, 0.30].
+    capped = cap_weights({"a": 0.94, "b": 0.02, "c": 0.02, "d": 0.02}, {"a": 0.1, "b": 1.0, "c": 1.0, "d": 1.0})
+    assert capped == pytest.approx({"a": 0.1, "b": 0.3, "c": 0.3, "d": 0.3}, abs=1e-9)
+    # v = [0.7, 0.25, 0.05], caps [0.4, 1, 1]: shift 0.15 -> [0.4, 0.4, 0.2] (a rescale would give 0.5:0.1).
+    capped = cap_weights({"a": 0.7, "b": 0.25, "c": 0.05}, {"a": 0.4, "b": 1.0, "c": 1.0})
+    assert capped == pytest.approx({"a": 0.4, "b": 0.4, "c": 0.2}, abs=1e-9)
+    # Already feasible: unchanged.
+    inside = {"a": 0.2, "b": 0.5, "c": 0.3}
+    assert cap_weights(inside, {"a": 0.4, "b": 1.0, "c": 1.0}) == pytest.approx(inside, abs=1e-12)
+
+
+def test_doremi_repetition_cap_is_respected_and_recorded(tmp_path, mlflow_uri):
+    corpus = write_tiny_corpus(tmp_path / "corpus", {"alpha": 1, "beta": 3, "gamma": 5})
+    unique = {d: corpus.manifest.domains[d].tokens("train") for d in ("alpha", "beta", "gamma")}
+    budget = sum(unique.values())  # with max_epochs 1.2 every cap is 1.2 x the natural proportion
+    cfg = DoReMiConfig(proxy=ProxyConfig(**TINY, steps=4), max_epochs=1.2, token_budget=budget)
+    caps, got_budget, _, domains = repetition_caps(corpus.manifest, cfg)
+    assert got_budget == budget
+    assert dict(zip(domains, caps)) == pytest.approx({d: min(1.0, 1.2 * u / budget) for d, u in unique.items()})
+    result = run_doremi(corpus.manifest, corpus.root, cfg)
+    caps = dict(zip(domains, caps))
+    r = result.rounds[0]
+    assert r.uncapped_weights is not None
+    assert r.weights == pytest.approx(cap_weights(r.uncapped_weights, caps), abs=1e-12)
+    assert sum(result.weights.values()) == pytest.approx(1.0)
+    assert all(result.weights[d] <= caps[d] + 1e-9 for d in domains)
+    details = result.to_mixture(corpus.manifest).details
+    assert details["max_epochs"] == 1.2 and details["budget_tokens"] == budget
+    assert details["caps"] == pytest.approx(caps)
+    assert all(v["epochs"] <= 1.2 + 1e-6 for v in details["repetition"]["domains"].values())
+    # token_budget None: the laws rule, steps x batch x seq_len.
+    default = DoReMiConfig(proxy=ProxyConfig(**TINY, steps=4), max_epochs=1000.0)
+    assert repetition_caps(corpus.manifest, default)[1] == 4 * TINY["batch_size"] * TINY["seq_len"]
+    with pytest.raises(ValueError):  # infeasible caps fail before any training
+        run_doremi(corpus.manifest, corpus.root, cfg.model_copy(update={"max_epochs": 0.5}))
 
 
 def _corpus_with_noise_domain(root, vocab: int = 32):
