@@ -191,6 +191,9 @@ class Mixture(_Artifact):
 
 
 class TrainerState(_Artifact):
+    # Version rule: a field added with a default keeps version 1 (every older file still loads the
+    # same); removing, renaming or changing the meaning of a field bumps the version.
+    # masked_tokens_seen and nonfinite were added that way.
     schema_version: Literal[1] = 1
     step: int = Field(ge=0)
     tokens_seen: int = Field(ge=0)

@@ -360,3 +360,13 @@ def test_check_table_schema_wrong_type():
     assert str(exc.value) == "s: column 'input_ids' has type list<item: int64>, expected list<item: int32>"
     with pytest.raises(ContractError, match="column 'reason' has type int64, expected string"):
         check_table_schema(pa.table({"source": ["x"], "reason": [1], "raw": ["r"]}), QUARANTINE_SCHEMA, "q")
+
+
+def test_trainer_state_written_before_the_guard_and_masked_counter_still_loads():
+    """Version-1 files from before masked_tokens_seen/nonfinite existed load with their defaults."""
+    from infra.contracts import TrainerState, parse_artifact
+
+    old = {"schema_version": 1, "step": 5, "tokens_seen": 640, "sampler": {"ranks": []}, "rng": {"ranks": []},
+           "config_hash": "abc", "manifest_sha256": "m", "mixture_sha256": "x"}
+    state = parse_artifact(TrainerState, old, "old/trainer_state.json")
+    assert state.step == 5 and state.masked_tokens_seen == 0 and state.nonfinite == {}
