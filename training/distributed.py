@@ -65,3 +65,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def shutdown_distributed() -> None:
+    """Tear the process group down before the interpreter exits.
+
+    A gloo group left alive at exit can abort the process ("terminate called without an active
+    exception": its worker threads are destroyed while still joinable), which a launcher then
+    reports as a crashed rank even though training finished.
+    """
+    if dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()

@@ -385,6 +385,9 @@ def worker_main(spec_path: str) -> None:
         raise
     if rank == 0:
         _write_result(result, os.path.join(spec.run_dir, RESULT_FILE))
+    from training.distributed import shutdown_distributed
+
+    shutdown_distributed()
 
 
 # --------------------------------------------------------------------------- Ray Train
