@@ -25,15 +25,19 @@ One round, as in DESIGN.md ("The science, stated once"):
    weights, so the weight undoes the sampling and applies α) and the sum is normalised by the sum
    of those weights over all valid tokens of the batch. In expectation that is Σ_i α_i L_i.
 5. the output is the average of α over the steps, with the initial α counted once (as the code).
-6. repetition cap (optional, ``max_epochs``): the averaged α is projected (Euclidean,
-   mixing.sampling.project_capped_simplex) onto {Σr = 1, 0 ≤ r_i ≤ cap_i} with
+6. repetition cap (optional, ``max_epochs``): α is kept inside {Σα = 1, 0 ≤ α_i ≤ cap_i} with
    cap_i = min(1, max_epochs · U_i / D) (mixing.repetition.max_proportions), U_i the manifest's
    training tokens of domain i and D = ``token_budget`` (default: what one proxy run reads,
-   proxy.steps × batch_size × seq_len, the rule mix.laws uses). Without it DoReMi happily puts
-   most of the weight on a tiny domain the reference barely saw (large excess loss), which a real
-   run can only serve by repeating it many times. α inside the Group-DRO loop is NOT capped: the
-   cap concerns the final run's data, not the proxy's reweighting (and the exponentiated-gradient
-   step's own projection would be a KL one, not this Euclidean one).
+   proxy.steps × batch_size × seq_len, the rule mix.laws uses). The cap is applied INSIDE the
+   Group-DRO loop, after every update (and to the uniform start), by the KL projection
+   (mixing.sampling.kl_project_capped: capped domains sit at their cap, the rest are rescaled in
+   proportion): the exponentiated-gradient step is mirror descent in KL geometry, so this is
+   Group DRO over the capped set, and the step average stays inside it. Without a cap DoReMi
+   happily puts most of the weight on a tiny domain the reference barely saw (large excess loss),
+   which a real run can only serve by repeating it many times. Projecting only the final average
+   (Euclidean, as an earlier version did) shared the capped domain's surplus EQUALLY among the
+   others — lifting a domain the loop had all but dropped (near-random text) as much as the
+   learnable ones — and the loop never got to reweigh the others against each other.
 
 Iterated DoReMi: the next round's reference weights are this round's averaged α, until
 ‖ᾱ − α_ref‖∞ < tol or ``rounds`` rounds.
@@ -57,7 +61,7 @@ from infra.contracts import Manifest, Mixture, artifact_sha256
 from infra.storage import Storage
 from mixing.baselines import natural_weights, uniform_weights
 from mixing.repetition import max_proportions, repetition_report
-from mixing.sampling import project_capped_simplex
+from mixing.sampling import kl_project_capped
 from mixing.proxy import (MetricBuffer, build_proxy_model, evaluate_proxy, make_optimizer, noise_generator,
                           optimizer_step, set_lr, train_proxy)
 from training.data import MixtureSampler
@@ -143,7 +147,6 @@ class RoundResult:
     proxy_eval: dict[str, DomainEval] = field(default_factory=dict)
     steps: int = 0
     wall_s: float = 0.0
-    uncapped_weights: dict[str, float] | None = None  # the average before the repetition cap (None: no cap)
 
     @property
     def distance(self) -> float:
@@ -188,7 +191,6 @@ class DoReMiResult:
                 "budget_rule": ("doremi.token_budget" if self.config.token_budget is not None
                                 else "proxy.steps * proxy.batch_size * proxy.seq_len"),
                 "caps": {d: float(c) for d, c in zip(domains, caps)},
-                "uncapped_weights": [r.uncapped_weights for r in self.rounds],
                 "repetition": report}
 
     def to_doremi_json(self) -> dict:
@@ -219,13 +221,6 @@ def repetition_caps(manifest: Manifest, cfg: DoReMiConfig):
     p = cfg.proxy
     budget = cfg.token_budget if cfg.token_budget is not None else p.steps * p.batch_size * p.seq_len
     return max_proportions(unique, budget, cfg.max_epochs), int(budget), unique, domains
-
-
-def cap_weights(weights: dict[str, float], caps: dict[str, float]) -> dict[str, float]:
-    """Euclidean projection of ``weights`` onto {Σr = 1, 0 ≤ r_d ≤ caps[d]} (unchanged if already inside)."""
-    domains = list(weights)
-    r = project_capped_simplex([weights[d] for d in domains], hi=[caps[d] for d in domains])
-    return {d: float(r[i]) for i, d in enumerate(domains)}
 
 
 def resolve_reference_weights(manifest: Manifest, spec) -> dict[str, float]:
@@ -264,7 +259,14 @@ def train_dro_proxy(manifest: Manifest, manifest_dir: str, reference: torch.nn.M
                              proxy_cfg.seed + 1, storage=storage)
     generator = noise_generator(proxy_cfg.seed + 1)
 
-    alpha = torch.full((k,), 1.0 / k, dtype=torch.float64)
+    caps = None
+    if cfg.max_epochs is not None:
+        caps = repetition_caps(manifest, cfg)[0]
+
+    def within_caps(a: torch.Tensor) -> torch.Tensor:
+        return a if caps is None else torch.from_numpy(kl_project_capped(a.numpy(), caps))
+
+    alpha = within_caps(torch.full((k,), 1.0 / k, dtype=torch.float64))
     alpha_sum = alpha.clone()  # the initial α counts once in the average (DoReMi's code)
     last_excess = torch.full((k,), math.log(manifest.tokenizer.vocab_size), dtype=torch.float64)
     trajectory, excess_log = [], []
@@ -279,7 +281,7 @@ def train_dro_proxy(manifest: Manifest, manifest_dir: str, reference: torch.nn.M
             ref_terms = scorer(reference, batch["input_ids"], batch["segment_ids"], draw, valid, mask_id)
         lam, present = excess_loss(proxy_terms.detach(), ref_terms, draw.masked, dom, k, cfg.clip, valid)
         last_excess = torch.where(present, lam, last_excess)
-        alpha = doremi_update(alpha, last_excess, cfg.eta, cfg.smoothing)
+        alpha = within_caps(doremi_update(alpha, last_excess, cfg.eta, cfg.smoothing))
         alpha_sum += alpha
         loss = dro_loss(proxy_terms, valid, dom, alpha, sampling)
         optimizer_step(model, optimizer, loss, proxy_cfg)
@@ -301,11 +303,7 @@ def train_dro_proxy(manifest: Manifest, manifest_dir: str, reference: torch.nn.M
     average = alpha_sum / (proxy_cfg.steps + 1)
     average = average / average.sum()
     weights = {d: float(average[i]) for i, d in enumerate(domains)}
-    uncapped = None
-    if cfg.max_epochs is not None:
-        caps, _, _, cap_domains = repetition_caps(manifest, cfg)
-        uncapped, weights = weights, cap_weights(weights, dict(zip(cap_domains, caps)))
-    return RoundResult(reference_weights=dict(reference_weights), weights=weights, uncapped_weights=uncapped,
+    return RoundResult(reference_weights=dict(reference_weights), weights=weights,
                        trajectory=trajectory, excess=excess_log,
                        proxy_eval=evaluate_proxy(model, manifest, manifest_dir, proxy_cfg, storage),
                        steps=proxy_cfg.steps)

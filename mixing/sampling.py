@@ -60,6 +60,37 @@ def project_capped_simplex(v, lo=None, hi=None, iters: int = 100) -> np.ndarray:
     return out.reshape(v.shape)
 
 
+def kl_project_capped(alpha, caps) -> np.ndarray:
+    """KL projection of a positive distribution ``alpha`` onto {Σr = 1, 0 ≤ r ≤ caps}.
+
+    argmin_r KL(r ‖ α) under those constraints is r_i = min(cap_i, λ·α_i) with λ ≥ 1 chosen so
+    Σr = 1: capped domains sit at their cap and the mass they give up is shared in PROPORTION to
+    α (a rescale), not equally (a shift, as the Euclidean projection does). That is the geometry
+    of multiplicative-weights updates (DoReMi's exponentiated gradient), and it keeps a domain the
+    weights had all but dropped near zero instead of lifting it by the shared excess.
+    Exact: at most len(alpha) rounds of "cap the violators, rescale the rest".
+    """
+    a = np.asarray(alpha, dtype=float).reshape(-1)
+    hi = np.minimum(np.asarray(caps, dtype=float).reshape(-1), 1.0)
+    if a.shape != hi.shape or np.any(~np.isfinite(a)) or np.any(a < 0) or a.sum() <= 0:
+        raise ValueError("alpha must be non-negative, finite, with a positive sum, one entry per cap")
+    if np.any(hi < 0) or hi.sum() < 1 - 1e-12:
+        raise ValueError(f"infeasible caps: sum(caps)={hi.sum():.4f} < 1")
+    capped = np.zeros(a.shape, dtype=bool)
+    for _ in range(a.size):
+        free = ~capped
+        r = np.where(capped, hi, 0.0)
+        mass, base = 1.0 - r.sum(), a[free].sum()
+        if base <= 0:  # every domain with weight is capped: fill the rest up to their caps evenly
+            return project_capped_simplex(r, hi=hi)
+        r[free] = a[free] * mass / base
+        over = free & (r > hi)
+        if not over.any():
+            return r
+        capped |= over
+    return np.where(capped, hi, r)
+
+
 def _feasible(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, tol: float = 1e-12) -> np.ndarray:
     return np.all((x <= hi + tol) & (x >= lo - tol), axis=1)
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from infra.config import DoReMiConfig, MixConfig, ProxyConfig
 from infra.contracts import Mixture, load_mixture, write_artifact
-from mixing.doremi import (cap_weights, doremi_update, dro_loss, excess_loss, repetition_caps,
+from mixing.doremi import (doremi_update, dro_loss, excess_loss, repetition_caps,
                            resolve_reference_weights, run_doremi, train_dro_proxy)
 from mixing.proxy import train_proxy
+from mixing.sampling import kl_project_capped, project_capped_simplex
 from tests.training_fixtures import write_tiny_corpus
 from training.diffusion import token_terms
 
@@ -176,17 +178,28 @@ def test_doremi_end_to_end_writes_mixture_and_mlflow_metrics(tmp_path, mlflow_ur
     assert parents == {result.mlflow_run_id}
 
 
-def test_cap_weights_is_the_euclidean_projection_by_hand():
-    # One domain over its cap: it sits at the cap and the excess 0.84 is shared EQUALLY (a shift,
-    # not a rescale): r = clip(v + 0.28, 0, cap) -> [0.1, 0.30, 0.30, 0.30].
-    capped = cap_weights({"a": 0.94, "b": 0.02, "c": 0.02, "d": 0.02}, {"a": 0.1, "b": 1.0, "c": 1.0, "d": 1.0})
-    assert capped == pytest.approx({"a": 0.1, "b": 0.3, "c": 0.3, "d": 0.3}, abs=1e-9)
-    # v = [0.7, 0.25, 0.05], caps [0.4, 1, 1]: shift 0.15 -> [0.4, 0.4, 0.2] (a rescale would give 0.5:0.1).
-    capped = cap_weights({"a": 0.7, "b": 0.25, "c": 0.05}, {"a": 0.4, "b": 1.0, "c": 1.0})
-    assert capped == pytest.approx({"a": 0.4, "b": 0.4, "c": 0.2}, abs=1e-9)
-    # Already feasible: unchanged.
-    inside = {"a": 0.2, "b": 0.5, "c": 0.3}
-    assert cap_weights(inside, {"a": 0.4, "b": 1.0, "c": 1.0}) == pytest.approx(inside, abs=1e-12)
+def test_kl_projection_onto_the_capped_simplex_by_hand():
+    # One domain over its cap sits at the cap; the others share its surplus in PROPORTION:
+    # [0.94, 0.02, 0.02, 0.02], cap 0.04 -> rest x 0.96/0.06 = 16 -> [0.04, 0.32, 0.32, 0.32];
+    # [0.90, 0.02, 0.02, 0.06] -> rest x 0.96/0.10 -> [0.04, 0.192, 0.192, 0.576]
+    # (the Euclidean projection, a shift, would give [0.04, 0.30, 0.30, 0.34]).
+    assert kl_project_capped([0.94, 0.02, 0.02, 0.02], [0.04, 1, 1, 1]) == pytest.approx([0.04, 0.32, 0.32, 0.32])
+    assert kl_project_capped([0.90, 0.02, 0.02, 0.06], [0.04, 1, 1, 1]) == pytest.approx(
+        [0.04, 0.192, 0.192, 0.576])
+    # A cascade: rescaling pushes a second domain over its cap -> [0.4, 0.4, 0.2].
+    assert kl_project_capped([0.7, 0.25, 0.05], [0.4, 0.4, 1]) == pytest.approx([0.4, 0.4, 0.2])
+    # Already feasible: unchanged. Infeasible caps: refused.
+    assert kl_project_capped([0.2, 0.5, 0.3], [0.4, 1, 1]) == pytest.approx([0.2, 0.5, 0.3], abs=1e-15)
+    with pytest.raises(ValueError, match="infeasible"):
+        kl_project_capped([0.5, 0.5], [0.4, 0.4])
+    # It IS the KL projection: no feasible point nearby has a smaller KL(r || alpha).
+    rng = np.random.default_rng(0)
+    alpha, caps = np.array([0.6, 0.3, 0.08, 0.02]), np.array([0.25, 0.5, 1.0, 1.0])
+    r = kl_project_capped(alpha, caps)
+    kl = lambda q: float(np.sum(q * np.log(q / alpha)))  # noqa: E731
+    for _ in range(500):
+        q = project_capped_simplex(r + rng.normal(0, 0.02, size=4), lo=np.full(4, 1e-9), hi=caps)
+        assert kl(q) >= kl(r) - 1e-12
 
 
 def test_doremi_repetition_cap_is_respected_and_recorded(tmp_path, mlflow_uri):
@@ -200,8 +213,9 @@ def test_doremi_repetition_cap_is_respected_and_recorded(tmp_path, mlflow_uri):
     result = run_doremi(corpus.manifest, corpus.root, cfg)
     caps = dict(zip(domains, caps))
     r = result.rounds[0]
-    assert r.uncapped_weights is not None
-    assert r.weights == pytest.approx(cap_weights(r.uncapped_weights, caps), abs=1e-12)
+    # The cap holds at every step of the Group-DRO loop, not only for the average.
+    assert all(a[d] <= caps[d] + 1e-12 for a in r.trajectory for d in domains)
+    assert all(sum(a.values()) == pytest.approx(1.0) for a in r.trajectory)
     assert sum(result.weights.values()) == pytest.approx(1.0)
     assert all(result.weights[d] <= caps[d] + 1e-9 for d in domains)
     details = result.to_mixture(corpus.manifest).details
