@@ -35,6 +35,8 @@ mix_app = typer.Typer(help="Compute a mixture (the `mix:` section) and write mix
 app.add_typer(pipeline_app, name="pipeline")
 app.add_typer(mix_app, name="mix")
 app.add_typer(config_app, name="config")
+dedup_app = typer.Typer(help="Near-dedup tools (MinHash LSH).", no_args_is_help=True)
+app.add_typer(dedup_app, name="dedup")
 
 ConfigArg = typer.Argument(..., exists=False, help="YAML config file (see configs/).")
 SetOpt = typer.Option(None, "--set", help="Override a config value, e.g. --set train.steps=100 (repeatable).")
@@ -254,6 +256,39 @@ def config_schema():
     from infra.config import MaskmixConfig
 
     typer.echo(json.dumps(MaskmixConfig.model_json_schema(), indent=2))
+
+
+@dedup_app.command("scurve")
+def dedup_scurve(bands: Optional[int] = typer.Option(None, min=1, help="LSH bands (default 14)"),
+                 rows: Optional[int] = typer.Option(None, min=1, help="rows per band (default 8)"),
+                 preset: Optional[str] = typer.Option(None, help="default | strict"),
+                 threshold: Optional[float] = typer.Option(None, help="derive bands x rows for this similarity"),
+                 min_recall: Optional[float] = typer.Option(None, "--min-recall", help="with --threshold (default 0.9)")):
+    """Print the S-curve P(candidate | Jaccard s) = 1 - (1 - s^rows)^bands, given or derived."""
+    from pydantic import ValidationError
+
+    from infra.config import NearDedupConfig
+    from pipelines.lsh_params import format_s_curve
+
+    given = {"bands": bands, "rows": rows, "preset": preset, "threshold": threshold, "min_recall": min_recall}
+    try:
+        cfg = NearDedupConfig(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as e:
+        _fail(ValueError("; ".join(err["msg"] for err in e.errors())))
+    typer.echo(format_s_curve(cfg.bands, cfg.rows))
+
+
+@dedup_app.command("index-info")
+def dedup_index_info(uri: str = typer.Argument(..., help="a near-dedup index (local folder or s3://)"),
+                     config: Optional[str] = typer.Option(None, "--config", help="YAML config (storage endpoint)"),
+                     set_: Optional[list[str]] = SetOpt):
+    """Print a persistent near-dedup index's parameters, partitions and runs as JSON."""
+    from pipelines.dedup_index import index_info
+
+    try:  # the storage section (S3 endpoint, credentials) from the config, the environment and --set
+        typer.echo(json.dumps(index_info(uri, _load(config, set_).storage), indent=2))
+    except Exception as e:  # noqa: BLE001 - a missing or foreign index is the user's error
+        _fail(e)
 
 
 def main() -> None:  # python -m infra.cli

@@ -92,6 +92,51 @@ class NearDedupConfig(_Section):
     bands: int = Field(14, gt=0)
     rows: int = Field(8, gt=0)
     seed: int = 1
+    # Signatures and banding (pipelines/minhash.py, pipelines/lsh_params.py).
+    hash_mode: Literal["fast", "datasketch"] = Field(
+        "fast", description="fast: numba MinHash mod 2^61-1; datasketch: bit-exact datasketch affine32 values")
+    preset: Literal["default", "strict"] | None = Field(
+        None, description="sets bands x rows: default 14 x 8 (~0.72), strict 11 x 10 (~0.79)")
+    threshold: float | None = Field(
+        None, gt=0, lt=1, description="derive bands x rows (<= 112 permutations) for this Jaccard similarity")
+    min_recall: float | None = Field(
+        None, gt=0, lt=1, description="with threshold: minimum detection probability at it (default 0.9)")
+    # Distributed LSH and the persistent index (pipelines/lsh.py, components.py, dedup_index.py).
+    scope: Literal["global", "per_domain"] = Field(
+        "global", description="per_domain: documents of different domains are never duplicates of each other")
+    partitions: int = Field(16, gt=0, description="band-table partitions, one Ray task each (an index fixes its own)")
+    max_bucket_size: int = Field(
+        10_000, ge=2, description="an LSH bucket larger than this links only its first members and is reported")
+    verify: bool = Field(False, description="drop candidate pairs whose signature Jaccard is below the threshold")
+    index_uri: str | None = Field(None, description="persistent band index (local or s3://) to dedup against")
+    update_index: bool = Field(False, description="append this run's survivors to index_uri (creating it)")
+    precision_sample: int = Field(200, ge=0, description="removed pairs checked by exact shingle Jaccard")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_bands_rows(cls, data: Any) -> Any:
+        # Before validation, so bands/rows are plain fields afterwards (num_perm stays bands * rows)
+        # and explicit bands/rows that contradict a preset or threshold are caught, not overridden.
+        if not isinstance(data, dict):
+            return data
+        from pipelines.lsh_params import PRESETS, choose_bands_rows
+
+        preset, threshold, min_recall = data.get("preset"), data.get("threshold"), data.get("min_recall")
+        if min_recall is not None and threshold is None:
+            raise ValueError("min_recall needs threshold")
+        if preset is not None and threshold is not None:
+            raise ValueError("give either preset or threshold, not both")
+        if threshold is not None:
+            derived = choose_bands_rows(112, float(threshold), 0.9 if min_recall is None else float(min_recall))
+        elif preset in PRESETS:
+            derived = PRESETS[preset]
+        else:
+            return data
+        given = (data.get("bands", derived[0]), data.get("rows", derived[1]))
+        if tuple(map(int, given)) != derived:
+            raise ValueError(f"bands x rows {given[0]} x {given[1]} contradict the derived {derived[0]} x {derived[1]}; "
+                             "drop bands/rows or preset/threshold")
+        return {**data, "bands": derived[0], "rows": derived[1]}
 
     @property
     def num_perm(self) -> int:
@@ -170,8 +215,8 @@ class DoReMiConfig(_Section):
     tol: float = Field(1e-3, gt=0, description="stop when ||avg alpha - alpha_ref||_inf < tol")
     seed: int = 0
     max_epochs: float | None = Field(
-        None, gt=0, description="per-domain repetition cap (epochs): each round's averaged weights are "
-        "projected (Euclidean) onto the simplex capped at min(1, max_epochs * U_i / token_budget); None: no cap")
+        None, gt=0, description="per-domain repetition cap (epochs): the Group-DRO weights stay (KL projection, "
+        "every step) inside the simplex capped at min(1, max_epochs * U_i / token_budget); None: no cap")
     token_budget: int | None = Field(
         None, gt=0, description="tokens of the planned run the caps are for; None: proxy.steps * "
         "proxy.batch_size * proxy.seq_len (what one proxy run reads, as mix.laws does)")
@@ -196,6 +241,9 @@ class LawsConfig(_Section):
     r_star: float = Field(15.4, gt=0, description="R* of D'=U+U·R*(1-e^(-R/R*)); 15.4 is the AR fit, diffusion tolerates more")
     n_mixtures: int = Field(20, gt=0, description="mixtures sampled for the small runs")
     sampling: Literal["double_diminishing", "dirichlet"] = "double_diminishing"
+    include_vertices: bool = Field(
+        True, description="double_diminishing: always run the pure single-domain mixtures the caps allow "
+        "(the vertices of a simplex design); a law's optimum for one target is often a vertex")
     dirichlet_concentration: float = Field(1.0, gt=0, description="α = concentration·M·base")
     seed: int = 0
 

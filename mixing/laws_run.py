@@ -70,7 +70,7 @@ def run_laws(manifest: Manifest, cfg: MixConfig, storage_cfg: StorageConfig | No
                           f"per domain, sample at least that many mixtures")
 
     mixtures = sample_mixtures(laws.sampling, len(domains), laws.n_mixtures, caps=caps, seed=laws.seed,
-                               concentration=laws.dirichlet_concentration)
+                               concentration=laws.dirichlet_concentration, include_vertices=laws.include_vertices)
     proxy = laws.proxy.model_dump()
     runs = [SweepRun(weights={d: float(w) for d, w in zip(domains, row)}, config=proxy, seed=laws.seed)
             for row in mixtures]

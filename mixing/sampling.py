@@ -96,9 +96,15 @@ def _feasible(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, tol: float = 1e-12)
 
 
 def double_diminishing(n_domains: int, n: int, caps=None, min_props=None, levels: int = 4,
-                       seed: int = 0, decimals: int = 10) -> np.ndarray:
+                       seed: int = 0, decimals: int = 10, include_vertices: bool = False) -> np.ndarray:
     """``n`` mixtures (n × M) from double-diminishing candidate proportions.
 
+    ``include_vertices``: the feasible pure mixtures (one domain at 1: those the caps and minimums
+    allow) are always among the ``n``, the rest drawn as usual. A simplex design needs its
+    vertices (Scheffé's lattice and centroid designs have them): the exponential law puts a single
+    target's optimum on a vertex, and without runs there the fit extrapolates to it — on the
+    known-optimum benchmark the loss drops sharply only AT the best vertex (a model trained on one
+    domain does not pay to tell domains apart), which interior runs cannot reveal.
     If fewer than ``n`` distinct feasible combinations exist, all of them are returned."""
     m = int(n_domains)
     if m < 1 or n < 1 or levels < 0:
@@ -120,7 +126,12 @@ def double_diminishing(n_domains: int, n: int, caps=None, min_props=None, levels
     grid = np.unique(np.round(grid, decimals), axis=0)
     grid = grid / grid.sum(axis=1, keepdims=True)
     grid = grid[_feasible(grid, lo, hi, tol=1e-9)]
-    pick = rng.permutation(len(grid))[: min(n, len(grid))]
+    forced = np.zeros(len(grid), dtype=bool)
+    if include_vertices:
+        forced = np.isclose(grid.max(axis=1), 1.0, rtol=0, atol=1e-12)
+        forced &= np.cumsum(forced) <= n  # never more than n
+    rest = np.flatnonzero(~forced)
+    pick = np.r_[np.flatnonzero(forced), rng.permutation(rest)[: max(0, min(n, len(grid)) - forced.sum())]]
     return grid[np.sort(pick)]
 
 
@@ -155,9 +166,11 @@ def dirichlet(n_domains: int, n: int, base=None, concentration: float = 1.0, cap
 
 
 def sample_mixtures(method: str, n_domains: int, n: int, *, caps=None, min_props=None,
-                    seed: int = 0, concentration: float = 1.0, base=None, levels: int = 4) -> np.ndarray:
+                    seed: int = 0, concentration: float = 1.0, base=None, levels: int = 4,
+                    include_vertices: bool = False) -> np.ndarray:
     if method == "double_diminishing":
-        return double_diminishing(n_domains, n, caps=caps, min_props=min_props, levels=levels, seed=seed)
+        return double_diminishing(n_domains, n, caps=caps, min_props=min_props, levels=levels, seed=seed,
+                                  include_vertices=include_vertices)
     if method == "dirichlet":
         return dirichlet(n_domains, n, base=base, concentration=concentration, caps=caps,
                          min_props=min_props, seed=seed)

@@ -220,15 +220,23 @@ class CorpusPipeline:
 
     def near_dedup(self, docs: ray.data.Dataset) -> ray.data.Dataset:
         started, before = time.perf_counter(), _domain_counts(docs)
-        clusters = near_dedup.find_clusters(docs, self.cfg.near_dedup)
+        # The work dir holds resumable per-phase state (see pipelines/near_dedup.py); documents
+        # carrying a float `quality` column get the best-quality survivor.
+        result = near_dedup.find_clusters(docs, self.cfg.near_dedup, self._uri("dedup", "work"), self.storage_cfg)
+        clusters, report = result.clusters, result.report
         self._write_table(clusters, "dedup", "clusters.parquet")
         dropped = clusters.filter(pc.invert(clusters.column("kept")))
         kept_of = dict(zip(dropped.column("doc_id").to_pylist(), dropped.column("kept_doc_id").to_pylist()))
         marked = docs.map_batches(_mark_ids, batch_format="pyarrow", fn_kwargs={
             "ids": dropped.column("doc_id").combine_chunks(), "reason": "near_duplicate", "detail": kept_of})
-        extra = {"clusters": len(set(clusters.column("cluster_id").to_pylist())),
-                 "cluster_sizes": near_dedup.cluster_size_histogram(clusters),
-                 "bands": self.cfg.near_dedup.bands, "rows": self.cfg.near_dedup.rows}
+        tracking.log_json(report, "near_dedup/report.json")
+        precision = report["precision"]["estimate"]
+        tracking.log_metrics({"near_dedup/clusters": report["clusters"],
+                              "near_dedup/giant_buckets": report["giant_buckets"],
+                              "near_dedup/matched_index": report["matched_index"],
+                              **({"near_dedup/precision_estimate": precision} if precision is not None else {})})
+        extra = {"clusters": report["clusters"], "cluster_sizes": report["cluster_sizes"],
+                 "bands": self.cfg.near_dedup.bands, "rows": self.cfg.near_dedup.rows, "report": report}
         return self._record("near_dedup", before, marked, started, extra)
 
     def tokenizer(self, docs: ray.data.Dataset) -> tuple[str, TokenizerInfo]:
