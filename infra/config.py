@@ -207,8 +207,15 @@ class DoReMiConfig(_Section):
 
     proxy: ProxyConfig = ProxyConfig()
     reference_weights: Literal["natural", "uniform"] | dict[str, float] = "natural"
+    proxy_sampling: Literal["uniform", "reference"] = Field(
+        "uniform", description="the DRO proxy's batches: uniform over domains (paper Alg. 1 and its code: every "
+        "domain in every batch, so each excess is fresh) or drawn with the reference weights")
     eta: float = Field(1.0, gt=0, description="step size of the exponentiated-gradient update")
     smoothing: float = Field(1e-3, ge=0, le=1, description="c: alpha <- (1-c) alpha + c/k")
+    excess_ema: float = Field(
+        0.0, ge=0, lt=1, description="β of an exponential moving average of each domain's excess over the steps it "
+        "appears in (0: the paper's one-batch estimate). Diffusion NELBO terms are weighted by 1/p(t) and a small "
+        "proxy batch gives a noisy per-domain excess; averaging keeps η·λ noise from random-walking the weights")
     clip: Literal["token", "domain"] = Field(
         "token", description="clip the excess at 0 per token (paper) or on the domain aggregate")
     rounds: int = Field(1, gt=0, description="max rounds of iterated DoReMi")

@@ -3,7 +3,8 @@
 One round, as in DESIGN.md ("The science, stated once"):
 
 1. train a reference model on the reference weights α_ref (natural proportions by default);
-2. train a same-size proxy with Group DRO on data sampled from α_ref. Every step, for every
+2. train a same-size proxy with Group DRO on batches sampled uniformly over the domains (the
+   paper's Algorithm 1 and code; ``proxy_sampling="reference"`` samples with α_ref). Every step, for every
    domain i, the excess loss
 
        λ_i = (1 / #valid tokens of domain i in the batch) · Σ_{j in domain i} clip(ℓ̃_θ,j − ℓ̃_ref,j)
@@ -86,6 +87,14 @@ def doremi_update(alpha: torch.Tensor, excess: torch.Tensor, eta: float, smoothi
     log_alpha = torch.log(alpha.clamp_min(1e-300)) + eta * excess
     new = torch.softmax(log_alpha, dim=0)
     return (1.0 - smoothing) * new + smoothing / k
+
+
+def update_excess(last: torch.Tensor, seen: torch.Tensor, lam: torch.Tensor, present: torch.Tensor,
+                  beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(excess, seen) after one batch: absent domains keep their value; a domain's first sighting
+    replaces the log|V| start; later ones move the average: β·old + (1 − β)·λ (β = 0: the batch's λ)."""
+    moved = torch.where(seen, beta * last + (1.0 - beta) * lam, lam)
+    return torch.where(present, moved, last), seen | present
 
 
 def excess_loss(proxy_terms: torch.Tensor, ref_terms: torch.Tensor, masked: torch.Tensor,
@@ -247,7 +256,12 @@ def train_dro_proxy(manifest: Manifest, manifest_dir: str, reference: torch.nn.M
     domains = manifest.domain_names()
     k = len(domains)
     mask_id = manifest.tokenizer.special_ids["mask"]
-    sampling = torch.tensor([reference_weights.get(d, 0.0) for d in domains], dtype=torch.float64)
+    # Uniform batches (the paper's Algorithm 1 and its code): a domain the reference weights make
+    # rare would otherwise be absent from most batches and keep a stale excess for many steps
+    # (measured on the known-optimum bench: a 0.4% domain's stale excess pumped it to its cap).
+    # dro_loss reweights by α/p either way, so the objective is Σ α_i L_i regardless.
+    sampling_weights = (uniform_weights(manifest) if cfg.proxy_sampling == "uniform" else dict(reference_weights))
+    sampling = torch.tensor([sampling_weights.get(d, 0.0) for d in domains], dtype=torch.float64)
     sampling = sampling / sampling.sum()
     model = build_proxy_model(manifest, proxy_cfg, seed=proxy_cfg.seed + 1)
     model.train()
@@ -255,7 +269,7 @@ def train_dro_proxy(manifest: Manifest, manifest_dir: str, reference: torch.nn.M
     optimizer = make_optimizer(model, proxy_cfg)
     # A different data seed than the reference's: the proxy mostly sees examples the reference did
     # not train on (the paper's code reverses the shard order for the same reason).
-    sampler = MixtureSampler(manifest, manifest_dir, reference_weights, proxy_cfg.seq_len, proxy_cfg.batch_size,
+    sampler = MixtureSampler(manifest, manifest_dir, sampling_weights, proxy_cfg.seq_len, proxy_cfg.batch_size,
                              proxy_cfg.seed + 1, storage=storage)
     generator = noise_generator(proxy_cfg.seed + 1)
 
@@ -269,6 +283,7 @@ def train_dro_proxy(manifest: Manifest, manifest_dir: str, reference: torch.nn.M
     alpha = within_caps(torch.full((k,), 1.0 / k, dtype=torch.float64))
     alpha_sum = alpha.clone()  # the initial α counts once in the average (DoReMi's code)
     last_excess = torch.full((k,), math.log(manifest.tokenizer.vocab_size), dtype=torch.float64)
+    seen = torch.zeros(k, dtype=torch.bool)
     trajectory, excess_log = [], []
     buffer = MetricBuffer()
     for step in range(proxy_cfg.steps):
@@ -279,9 +294,13 @@ def train_dro_proxy(manifest: Manifest, manifest_dir: str, reference: torch.nn.M
         proxy_terms = scorer(model, batch["input_ids"], batch["segment_ids"], draw, valid, mask_id)
         with torch.no_grad():
             ref_terms = scorer(reference, batch["input_ids"], batch["segment_ids"], draw, valid, mask_id)
-        lam, present = excess_loss(proxy_terms.detach(), ref_terms, draw.masked, dom, k, cfg.clip, valid)
-        last_excess = torch.where(present, lam, last_excess)
-        alpha = within_caps(doremi_update(alpha, last_excess, cfg.eta, cfg.smoothing))
+        # Domain clipping happens AFTER the moving average: clipping a noisy zero-mean estimate at 0
+        # is biased upwards by ~σ/√(2π), most in the noisiest (least learnable) domain.
+        lam, present = excess_loss(proxy_terms.detach(), ref_terms, draw.masked, dom, k,
+                                   "none" if cfg.clip == "domain" else cfg.clip, valid)
+        last_excess, seen = update_excess(last_excess, seen, lam, present, cfg.excess_ema)
+        excess = last_excess.clamp_min(0.0) if cfg.clip == "domain" else last_excess
+        alpha = within_caps(doremi_update(alpha, excess, cfg.eta, cfg.smoothing))
         alpha_sum += alpha
         loss = dro_loss(proxy_terms, valid, dom, alpha, sampling)
         optimizer_step(model, optimizer, loss, proxy_cfg)
@@ -289,11 +308,11 @@ def train_dro_proxy(manifest: Manifest, manifest_dir: str, reference: torch.nn.M
         proxy_dom, _ = per_domain_mean(proxy_terms.detach(), valid, dom, k)
         ref_dom, _ = per_domain_mean(ref_terms, valid, dom, k)
         trajectory.append({d: float(alpha[i]) for i, d in enumerate(domains)})
-        excess_log.append({d: float(last_excess[i]) for i, d in enumerate(domains)})
+        excess_log.append({d: float(excess[i]) for i, d in enumerate(domains)})
         metrics = {"doremi/dro_loss": float(loss.detach())}
         for i, d in enumerate(domains):
             metrics[f"doremi/weight/{d}"] = float(alpha[i])
-            metrics[f"doremi/excess/{d}"] = float(last_excess[i])
+            metrics[f"doremi/excess/{d}"] = float(excess[i])
             if present[i]:
                 metrics[f"doremi/proxy_loss/{d}"] = float(proxy_dom[i])
                 metrics[f"doremi/ref_loss/{d}"] = float(ref_dom[i])

@@ -11,7 +11,7 @@ import torch
 
 from infra.config import DoReMiConfig, MixConfig, ProxyConfig
 from infra.contracts import Mixture, load_mixture, write_artifact
-from mixing.doremi import (doremi_update, dro_loss, excess_loss, repetition_caps,
+from mixing.doremi import (doremi_update, dro_loss, excess_loss, repetition_caps, update_excess,
                            resolve_reference_weights, run_doremi, train_dro_proxy)
 from mixing.proxy import train_proxy
 from mixing.sampling import kl_project_capped, project_capped_simplex
@@ -260,3 +260,44 @@ def test_unlearnable_domain_is_not_upweighted_most_in_a_short_run(tmp_path, mlfl
     assert result.weights["noise"] < max(result.weights["learn_a"], result.weights["learn_b"])
     assert result.rounds[0].reference_eval["noise"].nats_per_token > max(
         result.rounds[0].reference_eval[d].nats_per_token for d in ("learn_a", "learn_b"))
+
+
+def test_proxy_batches_are_uniform_over_domains_by_default(tmp_path, mlflow_uri, monkeypatch):
+    # natural reference weights make "alpha" (1 shard unit of 9) rare; the DRO proxy still sees
+    # every domain about equally often (paper Alg. 1), unless proxy_sampling="reference".
+    import mixing.doremi as doremi_mod
+
+    corpus = write_tiny_corpus(tmp_path / "corpus", {"alpha": 1, "beta": 3, "gamma": 5})
+    ref = train_proxy(corpus.manifest, corpus.root, resolve_reference_weights(corpus.manifest, "natural"),
+                      ProxyConfig(**TINY, steps=2))
+    seen: dict[str, list] = {}
+
+    class Recording(doremi_mod.MixtureSampler):
+        def __init__(self, manifest, root, weights, *args, **kwargs):
+            seen.setdefault("weights", []).append(dict(weights))
+            super().__init__(manifest, root, weights, *args, **kwargs)
+
+    monkeypatch.setattr(doremi_mod, "MixtureSampler", Recording)
+    natural = resolve_reference_weights(corpus.manifest, "natural")
+    for mode, expected in (("uniform", {"alpha": 1 / 3, "beta": 1 / 3, "gamma": 1 / 3}), ("reference", natural)):
+        seen.clear()
+        cfg = DoReMiConfig(proxy=ProxyConfig(**TINY, steps=2), proxy_sampling=mode)
+        train_dro_proxy(corpus.manifest, corpus.root, ref.model, natural, cfg, cfg.proxy)
+        assert seen["weights"] == [pytest.approx(expected)]
+
+
+def test_excess_moving_average_by_hand():
+    start = torch.full((3,), math.log(32), dtype=torch.float64)
+    seen = torch.zeros(3, dtype=torch.bool)
+    lam = torch.tensor([0.4, -0.2, 9.0], dtype=torch.float64)
+    # First batch: domains 0 and 1 present -> their λ replaces log|V|; domain 2 keeps log|V|.
+    e, seen = update_excess(start, seen, lam, torch.tensor([True, True, False]), beta=0.9)
+    assert e.tolist() == pytest.approx([0.4, -0.2, math.log(32)]) and seen.tolist() == [True, True, False]
+    # Second batch: 0.9·old + 0.1·new for seen domains; domain 2's first sighting replaces.
+    e, seen = update_excess(e, seen, torch.tensor([1.4, 0.8, 0.5], dtype=torch.float64),
+                            torch.tensor([True, False, True]), beta=0.9)
+    assert e.tolist() == pytest.approx([0.9 * 0.4 + 0.1 * 1.4, -0.2, 0.5])
+    # β = 0 is the paper's rule: the batch's λ, or the last one if absent.
+    e0, _ = update_excess(e, seen, torch.tensor([7.0, 7.0, 7.0], dtype=torch.float64),
+                          torch.tensor([False, True, True]), beta=0.0)
+    assert e0.tolist() == pytest.approx([e[0].item(), 7.0, 7.0])

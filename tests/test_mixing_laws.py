@@ -199,3 +199,29 @@ def test_dirichlet_on_simplex_and_capped():
 def test_projection_onto_capped_simplex():
     r = project_capped_simplex(np.array([0.9, 0.5, -0.2]), hi=np.array([0.5, 1, 1]))
     assert np.allclose(r.sum(), 1) and r[0] <= 0.5 + 1e-12 and np.all(r >= 0)
+
+
+def test_optimizer_reaches_the_vertex_of_a_plateau_law():
+    # A fit seen on the known-optimum bench: k tiny, t large -> the loss is flat (1e-10 slopes)
+    # over most of the simplex and lowest at the last domain's vertex. The optimum must be there.
+    law = MixingLaw.from_params([1.85], [1e-9], [[13.0, 11.4, 1.9, -26.4]])
+    res = law.optimize(caps=[1, 1, 0.32, 1])
+    assert res.weights == pytest.approx([0, 0, 0, 1], abs=1e-6)
+    # Two targets: the optimum is interior and equals a brute-force search over a fine grid.
+    law2 = MixingLaw.from_params([1.0, 2.0], [0.5, 0.8], [[-2.0, 1.0, 0.5], [1.5, -1.0, 0.0]])
+    res2 = law2.optimize()
+    grid = np.array([(a, b, 1 - a - b) for a in np.linspace(0, 1, 201) for b in np.linspace(0, 1, 201)
+                     if a + b <= 1 + 1e-12])
+    grid = np.clip(grid, 0, 1) / np.clip(grid, 0, 1).sum(axis=1, keepdims=True)
+    best = grid[np.argmin(law2.predict_overall(grid))]
+    assert res2.predicted_overall <= float(law2.predict_overall(best[None])[0]) + 1e-9
+    assert res2.weights == pytest.approx(best, abs=0.01)
+
+
+def test_double_diminishing_keeps_the_feasible_vertices():
+    caps = np.array([1.0, 0.3, 1.0, 1.0])
+    x = double_diminishing(4, 8, caps=caps, levels=2, seed=0, include_vertices=True)
+    vertices = {tuple(v) for v in np.eye(4)[[0, 2, 3]]}  # domain 1 capped at 0.3: no pure run
+    assert vertices <= {tuple(r) for r in x}
+    assert len(x) == 8 and np.all(x <= caps + 1e-12) and np.allclose(x.sum(axis=1), 1)
+    assert len(double_diminishing(4, 2, caps=caps, levels=2, include_vertices=True)) == 2  # never more than n
