@@ -176,8 +176,6 @@ class SweepConfig(_Section):
     output_dir: str = Field("sweep", description="folder of runs/<run_id>.json (the resume state)")
     max_parallel: int | None = Field(None, gt=0, description="runs in flight at once (default: as Ray schedules)")
     cpus_per_run: float = Field(1, gt=0, description="CPUs reserved per run (Ray task num_cpus)")
-    n_mixtures: int = Field(16, gt=0, description="mixtures sampled for the sweep")
-    seed: int = 0
 
 
 class ProxyConfig(_Section):

@@ -74,9 +74,10 @@ def test_temperature_mixture_and_run_mix(tmp_path, mlflow_uri):
 
 def test_mix_config_accepts_temperature_and_sweep():
     cfg = MixConfig(manifest="m.json", output="o.json", method="temperature", temperature=3.0,
-                    sweep={"output_dir": "s", "max_parallel": 2, "cpus_per_run": 0.5, "n_mixtures": 8, "seed": 1})
+                    sweep={"output_dir": "s", "max_parallel": 2, "cpus_per_run": 0.5})
     assert cfg.sweep.max_parallel == 2 and cfg.temperature == 3.0
-    assert MixConfig(manifest="m", output="o").sweep.n_mixtures == 16
+    with pytest.raises(ValueError, match="n_mixtures"):  # what to sample is mix.laws', not the sweep's
+        MixConfig(manifest="m", output="o", sweep={"n_mixtures": 8})
     with pytest.raises(ValueError):
         MixConfig(manifest="m", output="o", temperature=0)
     with pytest.raises(ValueError):

@@ -140,3 +140,28 @@ def test_cli_mix_baseline_and_unknown_method(tmp_path):
     assert "alpha" in done.stdout and "weight" in done.stdout
     bad = subprocess.run(cli + ["dro", str(cfg)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "No such command 'dro'" in bad.stderr
+
+
+@pytest.mark.slow
+def test_cli_mix_doremi_and_laws_end_to_end(tmp_path):
+    # The two learned methods through the real CLI (a fresh process, embedded Ray for the sweep),
+    # with the shipped example configs shrunk by --set: each writes its mixture.json.
+    corpus = write_tiny_corpus(tmp_path / "corpus", {"alpha": 1, "beta": 3, "gamma": 5}, docs_per_shard=6)
+    tiny = [f"{k}={v}" for k, v in {"preset": "test", "d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64,
+                                     "seq_len": 32, "batch_size": 8, "warmup_steps": 1,
+                                     "eval_docs_per_domain": 4, "mc_samples": 1}.items()]
+    common = ["--set", f"tracking.uri=sqlite:///{tmp_path}/m.db", "--set", f"mix.manifest={corpus.manifest_path}"]
+    cli = [sys.executable, "-m", "infra.cli", "mix"]
+    for verb, extra in (("doremi", ["mix.doremi.proxy.steps=4"]),
+                        ("laws", ["mix.laws.proxy.steps=3", "mix.laws.n_mixtures=5", "mix.laws.bootstrap_samples=2",
+                                  f"mix.sweep.output_dir={tmp_path}/sweep", "mix.laws.holdout_fraction=0"])):
+        out = tmp_path / f"{verb}.json"
+        sets = [f"mix.{verb}.proxy.{kv}" for kv in tiny] + extra + [f"mix.output={out}"]
+        args = cli + [verb, str(REPO / "configs" / f"mix_{verb}.yaml"), *common]
+        for s in sets:
+            args += ["--set", s]
+        done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        mixture = load_mixture(str(out))
+        assert mixture.method == verb and sum(mixture.weights.values()) == pytest.approx(1.0)
+        assert set(mixture.weights) == {"alpha", "beta", "gamma"}
