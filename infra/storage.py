@@ -109,7 +109,8 @@ class Storage:
             raise FileNotFoundError(uri)
         if info.type == pafs.FileType.Directory:
             raise IsADirectoryError(uri)
-        with fs.open_input_stream(path) as f:
+        # compression=None: bytes as stored (pyarrow would otherwise gunzip a ".gz" by its suffix).
+        with fs.open_input_stream(path, compression=None) as f:
             return f.read()
 
     def write_bytes(self, uri: str, data: bytes) -> None:
@@ -118,13 +119,14 @@ class Storage:
         parent = posixpath.dirname(path) if is_s3(uri) else os.path.dirname(path)
         if parent:
             fs.create_dir(parent, recursive=True)
+        # compression=None: the bytes are stored as given (pyarrow would gzip again by a ".gz" suffix).
         if is_s3(uri):
-            with fs.open_output_stream(path) as f:
+            with fs.open_output_stream(path, compression=None) as f:
                 f.write(data)
             return
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         try:
-            with fs.open_output_stream(tmp) as f:
+            with fs.open_output_stream(tmp, compression=None) as f:
                 f.write(data)
             os.replace(tmp, path)
         except BaseException:

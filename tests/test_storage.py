@@ -245,3 +245,18 @@ def test_boto3_client_uses_config():
     assert client.meta.region_name == "eu-west-3"
     creds = client._request_signer._credentials.get_frozen_credentials()
     assert (creds.access_key, creds.secret_key, creds.token) == ("AKID", "SECRETKEY", "SESSIONTOKEN")
+
+
+@pytest.mark.s3
+def test_compressed_names_are_stored_and_read_as_given(s3_bucket, tmp_path):
+    # A ".gz"/".zst" object holds exactly the bytes written, and reads back the same (pyarrow's
+    # by-suffix (de)compression is off): an uploaded gzip corpus is not gzipped twice.
+    import gzip
+
+    base, cfg = s3_bucket
+    storage = Storage(cfg)
+    payload = gzip.compress(b'{"text": "hello"}\n')
+    for uri in (f"{base}/c/a.jsonl.gz", str(tmp_path / "a.jsonl.gz")):
+        storage.write_bytes(uri, payload)
+        assert storage.read_bytes(uri) == payload
+        assert storage.size(uri) == len(payload)

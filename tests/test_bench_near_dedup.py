@@ -1,0 +1,38 @@
+"""Smoke test of bench/near_dedup.py: all three systems run on a tiny corpus and the last line is its JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METRICS = ("seconds", "mb_per_s_per_core", "peak_rss_mb", "precision", "recall", "f1")
+
+
+@pytest.mark.slow
+def test_near_dedup_bench_tiny_prints_its_json(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "bench/near_dedup.py", "--tiny", "--mb", "0.6", "--demo-bytes", "60000",
+         "--work", str(tmp_path / "work")],
+        cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["bench"] == "near_dedup" and out["cores"] == 2 and out["threshold"] == 0.75
+    assert out["docs"] > 0 and out["mb"] > 0 and out["truth_pairs"] > 0 and out["planted_above_threshold"] > 0
+    for system in ("maskmix", "datatrove", "datasketch"):
+        s = out[system]
+        for key in METRICS:
+            assert key in s, (system, key)
+        assert s["seconds"] > 0 and s["mb_per_s_per_core"] > 0 and s["peak_rss_mb"] > 0
+        for key in ("precision", "recall", "f1", "planted_recall"):
+            assert 0.0 <= s[key] <= 1.0, (system, key, s[key])
+        assert 0.0 <= s["closure"]["precision"] <= 1.0 and 0.0 <= s["closure"]["recall"] <= 1.0
+    # The planted copies above the threshold are what near-dedup exists for: maskmix finds them.
+    assert out["maskmix"]["planted_recall"] >= 0.8
+    assert out["maskmix"]["recall"] >= 0.8
+    assert out["maskmix"]["startup_s"] > 0  # Ray's start-up is inside `seconds` and reported apart
+    assert set(out["maskmix"]["phases"]) >= {"bands", "edges", "components", "write_survivors"}
