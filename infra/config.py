@@ -63,12 +63,32 @@ class InputSpec(_Section):
     domain_field: str = "domain"
     text_field: str = "text"
     id_field: str = Field("id", description="record field holding a stable id; else derived from source")
-    format: Literal["auto", "jsonl", "parquet"] = "auto"
+    # auto: JSONL(.gz/.zst) and Parquet files, or an HF `save_to_disk` folder (has state.json or
+    # dataset_dict.json); text: one file = one document (id "<domain>/<relative path>").
+    format: Literal["auto", "jsonl", "parquet", "text", "hf"] = "auto"
+    suffixes: list[str] = Field(
+        default_factory=list, description="read only files ending so (default: by format; text: every non-hidden file)")
+    max_doc_bytes: int = Field(
+        16 * 1024**2, gt=0, description="a record or text file over this many UTF-8 bytes is quarantined (too_large)")
+
+    @model_validator(mode="after")
+    def _text_needs_domain(self) -> "InputSpec":
+        if self.format == "text" and not self.domain:
+            raise ValueError("format 'text' needs `domain`: a plain-text file has no field to read it from")
+        return self
 
 
 class NormalizeConfig(_Section):
     unicode_form: Literal["NFC", "NFKC", "none"] = "NFC"
-    strip_control_chars: bool = True
+    strip_control_chars: bool = Field(True, description="drop C0/C1 control characters except tab and newline")
+    normalize_whitespace: bool = Field(
+        True, description="Unicode spaces -> ' ', line/paragraph separators -> newline, zero-width spaces and BOMs "
+                          "dropped, trailing spaces cut, blank-line runs capped at max_blank_lines")
+    max_blank_lines: int = Field(2, ge=0, description="longest run of empty lines kept (2 keeps PEP 8 code intact)")
+    # py3langid: langid.py's naive Bayes model, shipped inside the wheel (nothing is downloaded).
+    language_id: bool = Field(True, description="add `language` (ISO 639-1, 'und' if unsure) and `language_score`")
+    language_min_chars: int = Field(20, ge=0, description="shorter texts get language 'und', score 0")
+    language_max_chars: int = Field(2000, gt=0, description="classify the first N characters (cost is linear)")
 
 
 class WordCountFilterConfig(_Section):
@@ -84,6 +104,117 @@ class WordCountFilterConfig(_Section):
         if self.min_words > self.max_words:
             raise ValueError(f"min_words ({self.min_words}) > max_words ({self.max_words})")
         return self
+
+
+class QualityFilterConfig(_Section):
+    """What every quality filter shares (pipelines/filters): on/off, mode, and per-domain settings.
+
+    mode "filter" removes failing documents (first failing filter of the chain names the reason);
+    "annotate" removes nothing and writes the filter's scores per document to
+    ``<output_dir>/filters/scores.parquet`` so thresholds can be studied before they are applied.
+    ``domains`` overrides any field for one domain, e.g. ``domains: {code: {enabled: false},
+    readme: {min_doc_words: 20}}``; ``skip_domains: [code]`` is shorthand for the first.
+    """
+
+    enabled: bool = False
+    mode: Literal["filter", "annotate"] = "filter"
+    skip_domains: list[str] = Field(default_factory=list, description="domains the filter does not apply to")
+    domains: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-domain field overrides")
+
+    @model_validator(mode="after")
+    def _valid_domain_overrides(self) -> "QualityFilterConfig":
+        for domain, override in self.domains.items():
+            if not isinstance(override, dict) or {"domains", "skip_domains"} & set(override):
+                raise ValueError(f"domains.{domain}: a mapping of this filter's fields (not domains/skip_domains)")
+            try:
+                self.for_domain(domain)
+            except ValidationError as e:
+                raise ValueError(f"domains.{domain}: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None
+        return self
+
+    def for_domain(self, domain: str) -> "QualityFilterConfig | None":
+        """The settings in force for ``domain``; None where the filter does not run on it."""
+        cfg = self
+        if domain in self.domains:
+            base = self.model_dump(exclude={"domains", "skip_domains"})
+            cfg = type(self).model_validate({**base, **self.domains[domain]})
+        return cfg if cfg.enabled and domain not in self.skip_domains else None
+
+
+class GopherQualityConfig(QualityFilterConfig):
+    """Gopher quality rules (Rae et al. 2021, arXiv:2112.11446 §A.1.1); defaults = datatrove 0.10.1."""
+
+    min_doc_words: int | None = Field(50, ge=0, description="non-symbol words (None: off)")
+    max_doc_words: int | None = Field(100_000, gt=0)
+    min_avg_word_length: float | None = Field(3, ge=0, description="mean length of non-symbol words")
+    max_avg_word_length: float | None = Field(10, gt=0)
+    max_symbol_word_ratio: float | None = Field(0.1, ge=0, description="'#' per word, and '...'/'…' per word")
+    max_bullet_lines_ratio: float | None = Field(0.9, ge=0, le=1, description="lines starting with • or -")
+    max_ellipsis_lines_ratio: float | None = Field(0.3, ge=0, le=1, description="lines ending with ... or …")
+    min_alpha_words_ratio: float | None = Field(0.8, ge=0, le=1, description="words with an alphabetic character")
+    min_stop_words: int | None = Field(2, ge=0, description="distinct stop words present")
+    stop_words: list[str] = ["the", "be", "to", "of", "and", "that", "have", "with"]
+
+
+class GopherRepetitionConfig(QualityFilterConfig):
+    """Gopher repetition rules (arXiv:2112.11446 Table A1); defaults = datatrove 0.10.1."""
+
+    dup_line_frac: float | None = Field(0.3, ge=0, le=1, description="duplicate lines / lines")
+    dup_para_frac: float | None = Field(0.3, ge=0, le=1, description="duplicate paragraphs / paragraphs")
+    dup_line_char_frac: float | None = Field(0.2, ge=0, le=1, description="chars in duplicate lines / chars")
+    dup_para_char_frac: float | None = Field(0.2, ge=0, le=1, description="chars in duplicate paragraphs / chars")
+    top_n_grams: dict[int, float] = Field({2: 0.2, 3: 0.18, 4: 0.16},
+                                          description="n: max chars of the most frequent n-gram / chars")
+    dup_n_grams: dict[int, float] = Field({5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10},
+                                          description="n: max chars in repeated n-grams / chars")
+
+
+class C4QualityConfig(QualityFilterConfig):
+    """C4 line and document rules (Raffel et al. 2020 §2.2 and tfds c4_utils); defaults = datatrove 0.10.1.
+
+    Line rules remove lines (the document's text is rewritten); document rules remove documents.
+    """
+
+    remove_citations: bool = Field(True, description="strip [1], [edit], [citation needed]")
+    filter_no_terminal_punct: bool = Field(True, description="drop lines not ending in . ? ! \" ' (or in ...)")
+    min_words_per_line: int = Field(3, ge=-1, description="drop lines with fewer words (-1: off)")
+    max_word_length: int = Field(1000, ge=-1, description="drop lines with a longer word (-1: off)")
+    filter_javascript: bool = Field(True, description="drop lines mentioning javascript")
+    filter_policy: bool = Field(True, description="drop lines with terms-of-use / cookie-policy phrases")
+    filter_lorem_ipsum: bool = Field(True, description="drop documents containing lorem ipsum")
+    filter_curly_bracket: bool = Field(True, description="drop documents with a { in a kept line")
+    min_num_sentences: int = Field(5, ge=-1, description="drop documents with fewer sentences left (-1: off)")
+
+
+class FineWebQualityConfig(QualityFilterConfig):
+    """FineWeb rules (Penedo et al. 2024, arXiv:2406.17557 §3.3.3); defaults = datatrove 0.10.1.
+
+    char_duplicates_ratio is datatrove's 0.01; the FineWeb paper's text states 0.1.
+    """
+
+    line_punct_thr: float = Field(0.12, ge=0, le=1, description="min fraction of lines ending in punctuation")
+    line_punct_exclude_zero: bool = Field(False, description="do not apply line_punct_thr when no line ends so")
+    short_line_thr: float = Field(0.67, ge=0, le=1, description="max fraction of lines <= short_line_length chars")
+    short_line_length: int = Field(30, ge=0)
+    char_duplicates_ratio: float = Field(0.01, ge=0, le=1, description="max chars in duplicate lines / chars")
+    new_line_ratio: float = Field(0.3, ge=0, description="max newlines per word")
+
+
+class FiltersConfig(_Section):
+    """The quality filter chain, run in this order after word_count_filter (datatrove's FineWeb order).
+
+    All are off by default: turn each on (mode filter or annotate) for prose, and skip them on
+    code (``skip_domains: [code]``), where Gopher/C4/FineWeb heuristics reject nearly everything.
+    """
+
+    word_tokenizer: Literal["fast", "spacy"] = Field(
+        "fast", description="fast: pure-Python re-implementation of spaCy's English tokenizer (datatrove's); "
+                            "spacy: spaCy itself (must be installed)")
+    gopher_repetition: GopherRepetitionConfig = GopherRepetitionConfig()
+    gopher_quality: GopherQualityConfig = GopherQualityConfig()
+    c4_quality: C4QualityConfig = C4QualityConfig()
+    fineweb_quality: FineWebQualityConfig = FineWebQualityConfig()
+    examples_per_rule: int = Field(5, ge=0, description="document ids kept per rule in the filter report")
 
 
 class NearDedupConfig(_Section):
@@ -161,6 +292,7 @@ class PipelineConfig(_Section):
     output_dir: str
     normalize: NormalizeConfig = NormalizeConfig()
     word_count_filter: WordCountFilterConfig = WordCountFilterConfig()
+    filters: FiltersConfig = FiltersConfig()
     exact_dedup: bool = True
     near_dedup: NearDedupConfig = NearDedupConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()

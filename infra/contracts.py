@@ -6,6 +6,11 @@ Every JSON artifact carries ``schema_version``; a loader refuses a version it do
 turns any missing or mistyped field into a ``ContractError`` that names the file and the field.
 Paths inside a manifest are relative to the manifest's folder, so an output folder can be moved
 (local disk -> s3://) without rewriting it.
+
+Changes: Documents may carry the optional ``language``/``language_score`` columns
+(DOCUMENT_LANGUAGE_FIELDS, added by normalization); DOCUMENT_SCHEMA itself is unchanged, so no JSON
+artifact's schema_version moves. Quarantine reasons gained ``too_large``, ``unreadable_file`` and
+``read_error``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,16 @@ DOCUMENT_SCHEMA = pa.schema(
         pa.field("text", pa.string(), nullable=False),
         pa.field("source", pa.string(), nullable=False),  # uri plus line/row, e.g. "data/a.jsonl#L12"
         pa.field("meta", pa.string(), nullable=True),  # JSON string of any extra fields
+    ]
+)
+
+# Optional Document columns, added by normalization (pipelines/normalize.py) when language id is on.
+# Kept out of DOCUMENT_SCHEMA so that reader output and older Document tables stay valid as they are.
+DOCUMENT_LANGUAGE_FIELDS = pa.schema(
+    [
+        # Set on every row; declared nullable so Ray blocks with and without nulls elsewhere still concatenate.
+        pa.field("language", pa.string()),  # ISO 639-1 code, "und" when undetermined
+        pa.field("language_score", pa.float32()),  # the identifier's probability, 0 for "und"
     ]
 )
 

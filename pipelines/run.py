@@ -13,6 +13,7 @@ silently. Output layout (all relative to ``output_dir``, local or s3://):
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from collections import Counter, defaultdict
@@ -34,9 +35,9 @@ from infra.contracts import (
 from infra.errors import MaskmixError
 from infra.storage import Storage, join
 from pipelines import exact_dedup, near_dedup
-from pipelines.filters import WordCountFilter
+from pipelines.filters import FilterReport, build_chain
 from pipelines.normalize import normalize_batch
-from pipelines.readers import ROW_COLUMNS, list_input_files, parse_file
+from pipelines.readers import ROW_COLUMNS, input_items, parse_file
 from pipelines.shard import write_domain_shards
 from pipelines.tokenize import special_ids, tokenize_batch, tokenizer_sha256, train_tokenizer
 
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 PARSED_SCHEMA = pa.schema([pa.field(c, pa.string()) for c in ROW_COLUMNS])
 MARK_COLUMNS = ("drop_reason", "drop_detail")
+MAX_READ_BLOCKS = 1024
 
 
 class PipelineError(MaskmixError):
@@ -118,6 +120,11 @@ def _domain_counts(ds: ray.data.Dataset) -> dict[str, int]:
     return dict(sorted(totals.items()))
 
 
+def _filter_report_rows(batch: pa.Table, examples: int) -> pa.Table:
+    """One row per block: that block's filter counters as JSON (summed on the driver)."""
+    return pa.table({"report": [FilterReport.from_batch(batch, examples).to_json()]})
+
+
 # --------------------------------------------------------------------------- the pipeline
 
 
@@ -178,14 +185,15 @@ class CorpusPipeline:
 
     def read(self) -> ray.data.Dataset:
         started = time.perf_counter()
-        items = []
+        items = input_items(self.cfg.inputs, self.storage)
+        present = {item["input_index"] for item in items}
         for index, spec in enumerate(self.cfg.inputs):
-            files = list_input_files(spec, self.storage)
-            if not files:
-                raise PipelineError(f"input {spec.path!r} holds no .jsonl/.json(.gz/.zst) or .parquet files")
-            items += [{"path": f, "input_index": index} for f in files]
+            if index not in present:
+                raise PipelineError(f"input {spec.path!r} holds no files to read as format {spec.format!r} "
+                                    "(.jsonl/.json(.gz/.zst), .parquet, an HF save_to_disk folder, or text)")
         self.progress(f"[pipeline] reading {len(items)} file(s)")
-        parsed = (ray.data.from_items(items, override_num_blocks=len(items))
+        # One file per block up to a cap: a folder of 100k small text files must not make 100k blocks.
+        parsed = (ray.data.from_items(items, override_num_blocks=min(len(items), MAX_READ_BLOCKS))
                   .flat_map(parse_file, fn_kwargs={"specs": self.cfg.inputs, "storage_cfg": self.storage_cfg})
                   .map_batches(_cast_parsed, batch_format="pyarrow")
                   .materialize())
@@ -210,9 +218,38 @@ class CorpusPipeline:
         return docs.map_batches(normalize_batch, batch_format="pyarrow", fn_kwargs={"cfg": self.cfg.normalize})
 
     def quality_filter(self, docs: ray.data.Dataset) -> ray.data.Dataset:
+        """The filter chain (pipelines/filters) in one ``map_batches`` pass.
+
+        The stage is named ``quality_filter`` when a published filter is on, and keeps its old
+        name ``word_count_filter`` when only the legacy word count runs. Its stats carry the
+        filter report (removals per rule and domain, example ids, C4 lines removed, what
+        annotate-mode filters would remove), also logged to MLflow as filters/report.json;
+        annotate-mode scores go to ``filters/scores.parquet`` (doc id, domain, one column each).
+        """
         started, before = time.perf_counter(), _domain_counts(docs)
-        marked = docs.map_batches(WordCountFilter(self.cfg.word_count_filter), batch_format="pyarrow")
-        return self._record("word_count_filter", before, marked, started)
+        chain = build_chain(self.cfg.filters, self.cfg.word_count_filter)
+        chain.track_report = False
+        name = "quality_filter" if any(f.name != "word_count" for f in chain.filters) else "word_count_filter"
+        marked = docs.map_batches(chain, batch_format="pyarrow").materialize()
+        report = FilterReport(examples_per_rule=chain.examples_per_rule)
+        for row in marked.map_batches(_filter_report_rows, batch_format="pyarrow",
+                                      fn_kwargs={"examples": chain.examples_per_rule}).take_all():
+            report.merge(FilterReport.from_dict(json.loads(row["report"])))
+        added = chain.added_columns()
+        scores = {c: t for c, t in added.items() if ".lines." not in c}
+        if scores:
+            schema = pa.schema([pa.field("doc_id", pa.string()), pa.field("domain", pa.string()),
+                                *(pa.field(c, t) for c, t in scores.items())])
+            table = marked.select_columns(["id", "domain", *scores]).map_batches(
+                lambda b: b.rename_columns(["doc_id", *b.column_names[1:]]), batch_format="pyarrow")
+            self._write_dataset(table, schema, "filters", "scores.parquet")
+        if added:
+            marked = marked.drop_columns(list(added))
+        summary = report.to_dict()
+        tracking.log_json(summary, "filters/report.json")
+        tracking.log_metrics({f"{name}/removed/{r}": n for r, n in summary["removed_total"].items()})
+        extra = {"filters": chain.names, "word_tokenizer": chain.word_tokenizer, "filter_report": summary}
+        return self._record(name, before, marked, started, extra)
 
     def exact_dedup(self, docs: ray.data.Dataset) -> ray.data.Dataset:
         started, before = time.perf_counter(), _domain_counts(docs)
