@@ -72,14 +72,30 @@ def _fail(err: Exception) -> None:
 
 @pipeline_app.command("run")
 def pipeline_run(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt,
+                 force: Optional[list[str]] = typer.Option(
+                     None, "--force", help="Redo STAGE and every stage after it, even if finished: read, unique_ids, "
+                     "quality_filter, exact_dedup, near_dedup, tokenizer, tokenize_shard, or 'all' (repeatable)."),
+                 progress_bars: Optional[bool] = typer.Option(
+                     None, "--progress-bars/--no-progress-bars",
+                     help="Ray Data progress bars (default: on when stderr is a terminal)."),
                  verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level.")):
-    """Read, clean, deduplicate, tokenize and shard the corpora of the `pipeline:` section."""
+    """Read, clean, deduplicate, tokenize and shard the corpora of the `pipeline:` section.
+
+    Resumable: finished stages (``<output_dir>/_stages/*/_DONE.json`` matching the inputs and the
+    config) are loaded instead of re-run, and a finished pipeline does nothing.
+    """
     _setup_logging(verbose)
     try:
         from infra.stages import run_pipeline_stage
+        from pipelines.stage_store import resolve_force
 
+        try:
+            resolve_force(force)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--force") from None
         cfg = _load(config, set_)
-        manifest, uri = run_pipeline_stage(cfg)
+        bars = sys.stderr.isatty() if progress_bars is None else progress_bars  # bars in a log file are noise
+        manifest, uri = run_pipeline_stage(cfg, force=force, progress_bars=bars)
     except MaskmixError as e:
         _fail(e)
     typer.echo(f"manifest: {uri}")
@@ -283,10 +299,13 @@ def dedup_index_info(uri: str = typer.Argument(..., help="a near-dedup index (lo
                      config: Optional[str] = typer.Option(None, "--config", help="YAML config (storage endpoint)"),
                      set_: Optional[list[str]] = SetOpt):
     """Print a persistent near-dedup index's parameters, partitions and runs as JSON."""
+    from infra.config import load_config
     from pipelines.dedup_index import index_info
 
-    try:  # the storage section (S3 endpoint, credentials) from the config, the environment and --set
-        typer.echo(json.dumps(index_info(uri, _load(config, set_).storage), indent=2))
+    # Only the storage section (S3 endpoint, credentials: config, environment, --set) is needed;
+    # no tracking set-up, so stdout is the JSON alone.
+    try:
+        typer.echo(json.dumps(index_info(uri, load_config(config, set_ or []).storage), indent=2))
     except Exception as e:  # noqa: BLE001 - a missing or foreign index is the user's error
         _fail(e)
 
