@@ -548,12 +548,37 @@ class CorpusConfig(_Section):
     max_bytes_per_domain: int = Field(1_000_000, gt=0)
 
 
+# The demo's quality filters. On its corpus (code, pydoc reference, READMEs, licenses) the published
+# prose heuristics would remove most documents (Gopher quality counts markup punctuation as words:
+# ~all READMEs and reference topics fail its 80% alphabetic-words rule; FineWeb's 1% duplicate-line
+# rule removes 3/4 of READMEs), so they annotate: scores per document in filters/scores.parquet and
+# what each rule would remove in the filter report, nothing removed. Code is skipped. One rule
+# filters: Gopher repetition on license, where it removes concatenated multi-license files (the PSF
+# history, matplotlib/pillow/numba bundles) and tiny NOTICE/AUTHORS lists, ~7% of license files.
+DEMO_FILTERS: dict[str, Any] = {
+    name: {"enabled": True, "mode": "annotate", "skip_domains": ["code"]}
+    for name in ("gopher_repetition", "gopher_quality", "c4_quality", "fineweb_quality")
+}
+DEMO_FILTERS["gopher_repetition"]["domains"] = {"license": {"mode": "filter"}}
+
+
+def _merged(base: dict, given: dict) -> dict:
+    out = dict(base)
+    for key, value in given.items():
+        out[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
 class DemoConfig(_Section):
     """The knobs of `maskmix demo`; every stage config it runs is derived from these."""
 
     output_dir: str = "demo-out"
     corpus: CorpusConfig = CorpusConfig()
     min_words: int = Field(20, ge=0, description="word-count filter threshold for the harvested text")
+    filters: FiltersConfig = Field(
+        default_factory=lambda: FiltersConfig.model_validate(DEMO_FILTERS),
+        description="pipeline.filters of the demo; keys given here are merged onto the demo's defaults "
+                    "(DEMO_FILTERS: annotate mode, code skipped, Gopher repetition filtering license files)")
     vocab_size: int = Field(2048, ge=64)
     mixture: Literal["natural", "uniform"] = Field("natural", description="the mixture the demo trains on")
     model_preset: str = "tiny"
@@ -561,6 +586,14 @@ class DemoConfig(_Section):
     train_steps: int = Field(300, gt=0)
     micro_batch_size: int = Field(16, gt=0)
     eval_docs_per_domain: int = Field(32, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_demo_filters(cls, data: Any) -> Any:
+        # `--set demo.filters.c4_quality.mode=filter` changes one key, not the whole demo setup.
+        if isinstance(data, dict) and isinstance(data.get("filters"), dict):
+            data = {**data, "filters": _merged(DEMO_FILTERS, data["filters"])}
+        return data
 
 
 # --------------------------------------------------------------------------- whole file

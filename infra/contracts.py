@@ -11,6 +11,13 @@ Changes: Documents may carry the optional ``language``/``language_score`` column
 (DOCUMENT_LANGUAGE_FIELDS, added by normalization); DOCUMENT_SCHEMA itself is unchanged, so no JSON
 artifact's schema_version moves. Quarantine reasons gained ``too_large``, ``unreadable_file`` and
 ``read_error``.
+
+Manifest (still schema_version 1; every older manifest loads as before): manifest.json is now a
+function of the pipeline's inputs and config only, so a resumed run writes the same bytes as an
+uninterrupted one. ``created_at`` and ``mlflow_run_id`` became optional and the pipeline leaves
+them null in the file (the time and the run live in ``<out>/runs/*.json`` and in MLflow, whose run
+is tagged ``maskmix.manifest_sha256``); ``config_hash`` leaves ``output_dir`` out; StageStats.extra
+no longer carries ``seconds``.
 """
 
 from __future__ import annotations
@@ -145,6 +152,8 @@ class DomainShards(_Artifact):
 
 
 class StageStats(_Artifact):
+    # Counters only: timings are not part of the manifest (they differ between identical runs);
+    # older manifests may still carry extra["seconds"].
     name: str
     docs_in: int = Field(ge=0)
     docs_out: int = Field(ge=0)
@@ -153,9 +162,13 @@ class StageStats(_Artifact):
 
 
 class Manifest(_Artifact):
+    # Version rule as for TrainerState. created_at went from "required float, default now" to
+    # optional (None): older files, which all have a float, load the same.
     schema_version: Literal[1] = 1
-    created_at: float = Field(default_factory=time.time)
-    config_hash: str
+    created_at: float | None = None  # older manifests: when written; the pipeline now leaves it null
+    config_hash: str  # the pipeline config without output_dir (older manifests: with it)
+    # Older manifests: the run that wrote them. The pipeline now leaves it null in the file (a
+    # resumed run spans several MLflow runs); run_pipeline's returned object carries its run's id.
     mlflow_run_id: str | None = None
     tokenizer: TokenizerInfo
     domains: dict[str, DomainShards]

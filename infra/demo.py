@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from typing import Callable
 
 from infra import tracking
@@ -33,6 +34,8 @@ def demo_stage_configs(cfg: MaskmixConfig) -> MaskmixConfig:
             inputs=[InputSpec(path=os.path.join(out, "corpus"))],
             output_dir=data,
             word_count_filter=WordCountFilterConfig(min_words=demo.min_words),
+            # The published filters, mostly annotating (see DEMO_FILTERS in infra/config.py).
+            filters=demo.filters,
             tokenizer=TokenizerConfig(vocab_size=demo.vocab_size),
             # A few hundred documents per domain: hold out enough of each to evaluate on.
             shards=ShardConfig(validation_fraction=0.1, min_validation_docs=4),
@@ -47,6 +50,27 @@ def demo_stage_configs(cfg: MaskmixConfig) -> MaskmixConfig:
         ),
         "eval": eval_cfg.model_copy(update={"checkpoint": os.path.join(out, "train"), "manifest": manifest}),
     })
+
+
+def format_filter_report(manifest) -> list[str]:
+    """One line per published filter: documents it removed / would remove (annotate mode) per domain."""
+    stage = next((s for s in manifest.stages if s.name == "quality_filter"), None)
+    report = stage.extra.get("filter_report") if stage is not None else None
+    if not report:
+        return []
+    docs = report.get("docs", {})
+    lines = []
+    for name in ("gopher_repetition", "gopher_quality", "c4_quality", "fineweb_quality"):
+        parts = []
+        for key, label in (("removed", "removed"), ("would_remove", "would remove")):
+            per: Counter = Counter()
+            for rule, by_domain in report.get(key, {}).items():
+                if rule.split(".", 1)[0] == name:
+                    per.update(by_domain)
+            if per:
+                parts.append(f"{label} " + ", ".join(f"{d} {per[d]}/{docs.get(d, 0)}" for d in sorted(per)))
+        lines.append(f"{name:<18} {'; '.join(parts) or 'nothing'}")
+    return lines
 
 
 def format_eval_table(results: dict) -> str:
@@ -81,6 +105,11 @@ def run_demo(cfg: MaskmixConfig, progress: Callable[[str], None] = print) -> dic
 
         step("pipeline: read -> normalize -> filter -> exact dedup -> near dedup -> tokenize -> shard (Ray Data)")
         manifest, manifest_uri = run_pipeline_stage(cfg, progress=lambda m: step(m))
+        report_lines = format_filter_report(manifest)
+        if report_lines:
+            step(f"  quality filters (scores: {os.path.join(cfg.pipeline.output_dir, 'filters', 'scores.parquet')})")
+            for line in report_lines:
+                step(f"    {line}")
 
         step("mixtures: natural and uniform baselines")
         mixtures = {}

@@ -14,10 +14,13 @@ from infra.config import MaskmixConfig, config_hash
 from infra.storage import Storage
 
 
-def run_pipeline_stage(cfg: MaskmixConfig, progress: Callable[[str], None] = print):
+def run_pipeline_stage(cfg: MaskmixConfig, progress: Callable[[str], None] = print,
+                       force: list[str] | None = None, progress_bars: bool = False):
+    """Run or resume the corpus pipeline; ``force`` names stages (or "all") to redo with all that follow."""
     from pipelines.run import run_pipeline
 
-    return run_pipeline(cfg.require("pipeline"), cfg.storage, cfg.ray, progress)
+    return run_pipeline(cfg.require("pipeline"), cfg.storage, cfg.ray, progress, force=force,
+                        progress_bars=progress_bars)
 
 
 def run_mix_stage(cfg: MaskmixConfig, method: str = "baseline", progress: Callable[[str], None] | None = None):

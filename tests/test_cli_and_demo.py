@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -86,6 +87,24 @@ def test_demo_end_to_end_logs_parent_and_child_runs(tmp_path, mlflow_uri, ray_se
     by_stage = {r.data.tags["maskmix.stage"]: r for r in children}
     assert "manifest.json" in [a.path for a in client.list_artifacts(by_stage["pipeline"].info.run_id)]
     assert "mixture.json" in [a.path for a in client.list_artifacts(by_stage["mix"].info.run_id)]
+    # The published filters annotate (scores per document, what they would remove), skip code, and
+    # remove only where the demo filters: Gopher repetition on license files.
+    pipeline_run = by_stage["pipeline"].info.run_id
+    assert "filters/report.json" in [a.path for a in client.list_artifacts(pipeline_run, "filters")]
+    scores = pq.read_table(Path(tmp_path) / "demo" / "data" / "filters" / "scores.parquet")
+    for col in ("doc_id", "domain", "gopher_repetition.reason", "gopher_quality.n_words", "c4_quality.sentences",
+                "fineweb_quality.line_punct_ratio"):
+        assert col in scores.column_names, col
+    rows = scores.to_pylist()
+    assert {r["domain"] for r in rows} == {"code", "reference", "readme", "license"}
+    assert all(r["gopher_quality.n_words"] is None for r in rows if r["domain"] == "code")
+    assert all(r["gopher_quality.n_words"] is not None for r in rows if r["domain"] != "code")
+    stage = next(s for s in result["manifest"].stages if s.name == "quality_filter")
+    report = stage.extra["filter_report"]
+    assert any(rule.startswith("gopher_quality.") for rule in report["would_remove"])
+    for rule, per_domain in report["removed"].items():
+        assert rule.startswith("word_count") or (rule.startswith("gopher_repetition.") and set(per_domain) == {"license"})
+    assert any("gopher_quality" in line and "would remove" in line for line in lines)
     domains = set(result["manifest"].domains)
     assert len(domains) == 4
     eval_metrics = by_stage["eval"].data.metrics
