@@ -22,8 +22,10 @@ every 0.1 s with psutil; Ray's raylet/GCS/workers and datatrove's pool are child
   datasketch  MinHash.bulk on a Pool(cores) for the signatures (same shingles as ours), then
               MinHashLSH(params=(14, 8)) query-then-insert on one process + union-find; survivors
               written as JSONL.
-Timing: ``seconds`` is end to end inside the subprocess after its Python imports: for maskmix it
-INCLUDES starting Ray (``startup_s`` says how much of it that was; ``seconds_without_startup`` is
+Timing: ``cpu_s`` is the CPU seconds (user + system) of the system's whole process tree (sampled
+with the memory; the last 0.1 s of a process may be missed): on a shared, loaded machine it is
+the comparable number, wall time is not. ``seconds`` is end to end inside the subprocess after
+its Python imports: for maskmix it INCLUDES starting Ray (``startup_s`` says how much of it that was; ``seconds_without_startup`` is
 the rest), for datatrove its executors' process pools. ``import_s`` is printed apart. numba's
 one-time compilation is done before any system runs (its on-disk cache), as in
 bench/minhash_signatures.py. mb_per_s_per_core = input text MB / seconds / cores (cores allotted,
@@ -40,7 +42,7 @@ dedup can at best output: A~B, B~C puts A,C in one cluster even if J(A,C) < t);
 
     python bench/near_dedup.py --quick          # < 1 min on 2 cores
     python bench/near_dedup.py                  # default size: a few minutes
-    python bench/near_dedup.py --scale 1000000  # maskmix alone on 1M short synthetic documents
+    python bench/near_dedup.py --scale 1000000  # 1M short synthetic documents (Parquet input, all systems)
 Ends with one JSON line: {"bench": "near_dedup", "maskmix": {...}, "datatrove": {...},
 "datasketch": {...}, "docs", "mb", "cores", "threshold", ...} (scale mode: "near_dedup_scale").
 """
@@ -209,6 +211,13 @@ def prf(predicted: set, truth: set) -> dict:
 
 def _read_jsonl(files: list[str]) -> tuple[list[str], list[str]]:
     ids, texts = [], []
+    if files and files[0].endswith(".parquet"):  # scale mode's input
+        import pyarrow.parquet as pq
+        for f in files:
+            t = pq.read_table(f, columns=["id", "text"])
+            ids += t.column("id").to_pylist()
+            texts += t.column("text").to_pylist()
+        return ids, texts
     for f in files:
         with open(f, encoding="utf-8") as fh:
             for line in fh:
@@ -239,7 +248,7 @@ def run_maskmix(spec: dict) -> dict:
         return wrapper
 
     nd = near_dedup.NearDedup
-    for name in ("_open_work_dir", "bands", "edges", "components", "update_index", "clusters", "report"):
+    for name in ("bands", "edges", "components", "update_index", "clusters", "report"):
         raw = nd.__dict__[name]
         if isinstance(raw, staticmethod):
             setattr(nd, name, staticmethod(timed(name.strip("_"), raw.__func__)))
@@ -317,16 +326,23 @@ def run_datatrove(spec: dict) -> dict:
     cores, work, inp = spec["cores"], Path(spec["work"]), spec["input_dir"]
     cfg = MinhashConfig(n_grams=NGRAM, num_buckets=BANDS, hashes_per_bucket=ROWS, seed=SEED,
                         hash_config=HashConfig(precision=64, hash_fc="xxhash"))
+    from datatrove.pipeline.readers import ParquetReader
+
+    def reader():
+        if spec["files"][0].endswith(".parquet"):  # scale mode's input
+            return ParquetReader(inp, glob_pattern="*.parquet")
+        return JsonlReader(inp, glob_pattern="*.jsonl")
+
     t1 = time.perf_counter()
     phases = {}
     signature = MinhashDedupSignature(str(work / "sigs"), config=cfg, language=SplitTokenizer())
     signature._hash_func = _xxhash64
     stages = [
-        ("signatures", [JsonlReader(inp, glob_pattern="*.jsonl"), signature], cores),
+        ("signatures", [reader(), signature], cores),
         ("buckets", [MinhashDedupBuckets(str(work / "sigs"), str(work / "buckets"), config=cfg)], BANDS),
         ("cluster", [MinhashDedupCluster(str(work / "buckets"), str(work / "remove"), config=cfg,
                                          save_cluster_id=True)], 1),
-        ("filter", [JsonlReader(inp, glob_pattern="*.jsonl"),
+        ("filter", [reader(),
                     MinhashDedupFilter(str(work / "remove"), load_cluster_ids=True,
                                        exclusion_writer=JsonlWriter(str(work / "removed"), compression=None)),
                     JsonlWriter(spec["out"], compression=None)], cores),
@@ -450,8 +466,9 @@ RUNNERS = {"maskmix": run_maskmix, "datatrove": run_datatrove, "datasketch": run
 # =========================================================================== measuring a child
 
 
-def _tree_memory(proc) -> tuple[float, float]:
-    """(sum of RSS, sum of PSS) in MB over a process and all its descendants."""
+def _tree_memory(proc, cpu: dict | None = None) -> tuple[float, float]:
+    """(sum of RSS, sum of PSS) in MB over a process and all its descendants; ``cpu`` collects
+    each process's last seen user + system CPU seconds (by pid)."""
     import psutil
 
     rss = pss = 0
@@ -464,6 +481,9 @@ def _tree_memory(proc) -> tuple[float, float]:
             rss += p.memory_info().rss
             if _tree_memory.pss:
                 pss += p.memory_full_info().pss
+            if cpu is not None:
+                t = p.cpu_times()
+                cpu[p.pid] = t.user + t.system
         except psutil.Error:
             continue
     return rss / 2**20, pss / 2**20
@@ -485,9 +505,11 @@ def measure(system: str, spec: dict, folder: Path, timeout: float | None = None)
     peak = {"rss": 0.0, "pss": 0.0}
     done = threading.Event()
 
+    cpu: dict[int, float] = {}  # CPU seconds of the whole tree: comparable on a loaded machine, unlike wall time
+
     def sample():
         while not done.is_set():
-            rss, pss = _tree_memory(proc)
+            rss, pss = _tree_memory(proc, cpu)
             peak["rss"], peak["pss"] = max(peak["rss"], rss), max(peak["pss"], pss)
             done.wait(0.1)
 
@@ -506,7 +528,7 @@ def measure(system: str, spec: dict, folder: Path, timeout: float | None = None)
         raise RuntimeError(f"{system} failed (exit {child.returncode}):\n{output[-5000:]}")
     result = json.loads(result_path.read_text())
     result.update(process_s=time.perf_counter() - started, peak_rss_mb=round(peak["rss"], 1),
-                  peak_pss_mb=round(peak["pss"], 1))
+                  peak_pss_mb=round(peak["pss"], 1), cpu_s=round(sum(cpu.values()), 1))
     return result
 
 
@@ -515,7 +537,7 @@ def _summary(result: dict, mb: float, cores: int) -> dict:
            "seconds_without_startup": round(result["seconds"] - result["startup_s"], 3),
            "import_s": round(result["import_s"], 3), "process_s": round(result["process_s"], 3),
            "mb_per_s_per_core": round(mb / result["seconds"] / cores, 4),
-           "peak_rss_mb": result["peak_rss_mb"], "peak_pss_mb": result["peak_pss_mb"],
+           "peak_rss_mb": result["peak_rss_mb"], "peak_pss_mb": result["peak_pss_mb"], "cpu_s": result.get("cpu_s"),
            "removed": result["removed"], "clusters": len(result["clusters"]), "phases": result["phases"]}
     for key in ("report", "json_lib"):
         if key in result:
@@ -527,9 +549,19 @@ def _summary(result: dict, mb: float, cores: int) -> dict:
 
 
 def _warm_numba() -> float:
-    from pipelines import minhash
+    """Compile (or load from numba's cache) every kernel near-dedup uses, before any system runs:
+    otherwise each Ray worker would compile them inside the timed run (measured: up to ~30 s of
+    the bands and edges phases on a loaded 2-core machine, right after the source changed)."""
+    import pyarrow as pa
+
+    from pipelines import lsh, minhash
     start = time.perf_counter()
-    minhash.compute_signatures(["warm up the compiled kernels", "déjà vu"])
+    sig = minhash.compute_signatures(["warm up the compiled kernels", "déjà vu"])
+    ids = pa.array(["a", "b"])
+    lsh.row_fingerprints(ids, ids, ids, pa.array([0.5, None]))
+    lsh.partitioned_band_rows(lsh.node_keys_array(ids, None, lsh.NEW), sig, BANDS, ROWS, np.zeros(2, np.uint64), 4,
+                              False)
+    lsh.min_components(ids, pa.array(["b", "c"]))
     return time.perf_counter() - start
 
 
@@ -582,7 +614,8 @@ def compare(opts) -> dict:
 
 
 def scale(opts) -> dict:
-    """maskmix alone on opts.scale short synthetic documents (20..60 words) with planted near-duplicates."""
+    """opts.systems on opts.scale short synthetic documents (20..60 words) with planted near-duplicates,
+    read from the same Parquet shards by every system."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -624,34 +657,48 @@ def scale(opts) -> dict:
     built = time.perf_counter() - started
     print(f"scale corpus: {n} docs ({n_dup} planted copies), {mb:.1f} MB, built in {built:.1f} s | "
           f"numba warm-up {_warm_numba():.1f} s", flush=True)
-    spec = {"cores": cores, "files": sorted(str(p) for p in (folder / "input").glob("*.parquet")),
-            "work": str(folder / "maskmix" / "work"), "out": str(folder / "maskmix" / "out"),
-            "near_dedup": json.loads(opts.maskmix_cfg), "materialize": opts.materialize,
-            "object_store_mb": opts.object_store_mb}
-    shutil.rmtree(folder / "maskmix", ignore_errors=True)
-    (folder / "maskmix").mkdir(parents=True)
-    result = measure("maskmix", spec, folder / "maskmix", timeout=opts.timeout)
-    summary = _summary(result, mb, cores)
-    # Quality on the planted pairs only (all-pairs truth is out of reach here): exact J of each.
+    files = sorted(str(p) for p in (folder / "input").glob("*.parquet"))
     docs = pq.read_table(folder / "input").to_pydict()
     text_of = dict(zip(docs["id"], docs["text"]))
-    cluster_of = {d: k for k, members in enumerate(result["clusters"]) for d in members}
-    above = found = 0
-    for d, o in planted:
-        a, b = minhash.shingles(text_of[d], NGRAM), minhash.shingles(text_of[o], NGRAM)
-        if len(a & b) / len(a | b) >= opts.threshold:
-            above += 1
-            found += cluster_of.get(d, -1) == cluster_of.get(o, -2)
-    summary["planted_above_threshold"] = above
-    summary["planted_recall"] = round(found / above, 4) if above else None
-    print(f"maskmix {summary['seconds']:.1f} s (startup {summary['startup_s']:.1f}) "
-          f"{summary['mb_per_s_per_core']:.3f} MB/s/core, peak RSS {summary['peak_rss_mb']:.0f} MB "
-          f"(PSS {summary['peak_pss_mb']:.0f}), planted recall {summary['planted_recall']}, phases {summary['phases']}",
-          flush=True)
+    del docs
+
+    def jaccard(a: str, b: str) -> float:
+        x, y = minhash.shingles(text_of[a], NGRAM), minhash.shingles(text_of[b], NGRAM)
+        return len(x & y) / len(x | y) if x or y else 1.0
+
+    planted_above = {(d, o) for d, o in planted if jaccard(d, o) >= opts.threshold}
+    out = {"bench": "near_dedup_scale", "docs": n, "mb": round(mb, 2), "cores": cores, "threshold": opts.threshold,
+           "planted": n_dup, "planted_above_threshold": len(planted_above), "corpus_build_s": round(built, 1)}
+    for system in opts.systems:
+        spec = {"cores": cores, "files": files, "input_dir": str(folder / "input"),
+                "work": str(folder / system / "work"), "out": str(folder / system / "out"),
+                "near_dedup": json.loads(opts.maskmix_cfg), "materialize": opts.materialize,
+                "object_store_mb": opts.object_store_mb}
+        shutil.rmtree(folder / system, ignore_errors=True)
+        (folder / system).mkdir(parents=True)
+        result = measure(system, spec, folder / system, timeout=opts.timeout)
+        summary = _summary(result, mb, cores)
+        # Quality without an all-pairs truth (out of reach at this size): precision = the share of
+        # predicted pairs (all pairs inside a cluster) whose EXACT Jaccard is >= threshold; recall =
+        # the share of planted pairs with exact J >= threshold that share a cluster. The synthetic
+        # originals (random Zipf words) are not near-duplicates of each other, so the planted pairs
+        # are nearly all the true pairs.
+        cluster_of = {d: k for k, members in enumerate(result["clusters"]) for d in members}
+        pairs = [(a, b) for members in result["clusters"] for i, a in enumerate(members) for b in members[i + 1:]]
+        good = sum(jaccard(a, b) >= opts.threshold for a, b in pairs)
+        found = sum(cluster_of.get(d, -1) == cluster_of.get(o, -2) for d, o in planted_above)
+        p = good / len(pairs) if pairs else 1.0
+        r = found / len(planted_above) if planted_above else 1.0
+        summary.update(precision=round(p, 4), planted_recall=round(r, 4),
+                       f1=round(2 * p * r / (p + r), 4) if p + r else 0.0, predicted_pairs=len(pairs))
+        out[system] = summary
+        print(f"{system:<11} {summary['seconds']:>8.1f} s (startup {summary['startup_s']:.1f}) "
+              f"{summary['mb_per_s_per_core']:.3f} MB/s/core, peak RSS {summary['peak_rss_mb']:.0f} MB "
+              f"(PSS {summary['peak_pss_mb']:.0f}), P {p:.4f} planted R {r:.4f} F1 {summary['f1']:.4f}, "
+              f"phases {summary['phases']}", flush=True)
     if not opts.work:
         shutil.rmtree(folder, ignore_errors=True)
-    return {"bench": "near_dedup_scale", "maskmix": summary, "docs": n, "mb": round(mb, 2), "cores": cores,
-            "threshold": opts.threshold, "planted": n_dup, "corpus_build_s": round(built, 1)}
+    return out
 
 
 def pc_sum_bytes(table) -> float:
@@ -674,11 +721,11 @@ def main(argv=None) -> dict:
     p.add_argument("--threshold", type=float, default=0.75, help="exact Jaccard of a true duplicate pair")
     p.add_argument("--cores", type=int, default=2)
     p.add_argument("--systems", default=",".join(SYSTEMS))
-    p.add_argument("--scale", type=int, default=0, help="maskmix alone on this many short synthetic documents")
+    p.add_argument("--scale", type=int, default=0, help="this many short synthetic documents (with --systems)")
     p.add_argument("--maskmix-cfg", default="{}", help="JSON of NearDedupConfig overrides, e.g. '{\"partitions\": 4}'")
     p.add_argument("--materialize", action="store_true", help="maskmix: materialize the read dataset once")
     p.add_argument("--object-store-mb", type=int, default=512, help="scale mode: Ray object store size")
-    p.add_argument("--timeout", type=float, default=None, help="scale mode: kill maskmix after this many seconds")
+    p.add_argument("--timeout", type=float, default=None, help="scale mode: kill a system after this many seconds")
     p.add_argument("--work", default=None, help="keep inputs/outputs here (default: a temp dir, removed)")
     p.add_argument("--seed", type=int, default=0)
     opts = p.parse_args(argv)

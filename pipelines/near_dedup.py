@@ -7,14 +7,19 @@ higher is better), then the smallest id; with a persistent index, indexed docume
 
 Phases, each leaving files under the work dir, so that a killed run restarts where it stopped:
 
-  bands       Ray Data map over the documents: signatures (pipelines.minhash), then one row per
-              (document, band) -- band, 64-bit bucket key, node -- written to the bucket's
-              partition: ``bands/part-<p>/<batch hash>.parquet``. ``bands/_DONE.json`` ends it;
-              an unfinished phase is redone from its start (input blocks differ between runs).
+  bands       ONE Ray Data map over the documents: the input fingerprint (the run's identity,
+              ``work.json``), signatures (pipelines.minhash), then one row per (document, band)
+              -- band, 64-bit bucket key, node -- written to the bucket's partition:
+              ``bands/part-<p>/<batch hash>.parquet``. ``bands/_DONE.json`` ends it; an
+              unfinished phase is redone from its start (input blocks differ between runs). A
+              finished one is kept after a fingerprint-only pass shows the same input.
   edges       one Ray task per bucket partition: its band rows (and the index's rows of that
-              partition) -> buckets -> star edges -> local union-find -> the reduced edges,
-              scattered to the node partitions of the next phase. ``edges/done-<p>.json``.
-  components  distributed min-label propagation (pipelines.components); ``cc/state.json``.
+              partition) -> buckets -> star edges -> local components (compiled union-find)
+              -> the reduced edges, scattered to the node partitions of the next phase.
+              ``edges/done-<p>.json``.
+  components  one task with a compiled union-find when the reduced graph is small
+              (components.LOCAL_MAX_ROWS), else distributed min-label propagation
+              (pipelines.components); ``cc/state.json``.
   index       (update_index) the survivors' band rows appended to the index, then index.json.
 
 Memory: a map task holds one batch; an edges task one band-table partition (documents x bands
@@ -40,14 +45,17 @@ import ray.data
 
 from infra.config import NearDedupConfig, StorageConfig
 from infra.contracts import CLUSTERS_SCHEMA
-from pipelines import lsh, minhash
-from pipelines.components import connected_components, write_graph
+from pipelines import components, lsh, minhash
+from pipelines.components import connected_components, write_graph_arrays
 from pipelines.dedup_index import BandIndex, index_params
-from pipelines.lsh import UnionFind
 from pipelines.lsh_params import approx_threshold
-from pipelines.workdir import WorkDir, split_rows
+from pipelines.workdir import WorkDir
 
-_BATCH_SIZE = 4096  # documents per signature batch (one band file per partition per batch)
+# Documents per signature batch: one band file per partition per batch. 4096 gave 16 files of
+# ~3.5k rows per batch, and per-file costs (Parquet footers, task hand-offs) dominated the bands
+# and edges phases; a batch is also capped by Ray Data's block (<= 128 MB of input), so long
+# documents give smaller batches. Memory: ~14 band rows (~50 bytes) per document of the batch.
+_BATCH_SIZE = 65536
 _REPORTED_GIANTS = 10
 
 
@@ -61,36 +69,66 @@ signature_batch = minhash.signature_batch
 # --------------------------------------------------------------------------- Ray functions
 
 
-def _write_band_batch(batch: pa.Table, cfg: NearDedupConfig, work: WorkDir, partitions: int,
-                      quality: str | None) -> pa.Table:
-    """Signatures -> band rows, written per bucket partition; returns per-domain document counts."""
-    texts, ids = batch.column("text").to_pylist(), batch.column("id").to_pylist()
-    domains = batch.column("domain").to_pylist()
-    sig, empty = lsh.signature_matrix(minhash.signature_batch(batch, cfg).column("signature"), cfg.num_perm)
-    keep = ~empty & np.array([lsh.has_words(t) for t in texts], dtype=bool)
+def _per_domain(batch: pa.Table, keep: np.ndarray | None) -> pa.Table:
+    """Per domain of the batch: documents, documents without shingles (``~keep``), and the sum
+    (mod 2^64) of the documents' fingerprints (lsh.row_fingerprints): the input's identity.
+    (Compiled since this change; it was a blake2b per document in Python, 15% of the bands
+    phase's CPU. Run tags differ from the earlier ones, so an index appended to by an earlier
+    version does not recognize a re-run of the same input as its own run.)"""
+    quality = "quality" if "quality" in batch.column_names else None
+    hashes = lsh.row_fingerprints(batch.column("id"), batch.column("domain"), batch.column("text"),
+                                  batch.column(quality) if quality else None)
+    codes = pc.dictionary_encode(batch.column("domain").combine_chunks())
+    names, index = codes.dictionary, codes.indices.to_numpy(zero_copy_only=False)
+    docs = np.bincount(index, minlength=len(names))
+    no_shingles = np.bincount(index[~keep], minlength=len(names)) if keep is not None else np.zeros(len(names), int)
+    total = np.zeros(len(names), np.uint64)
+    np.add.at(total, index, hashes)  # uint64: wraps mod 2^64
+    order = pc.sort_indices(names).to_numpy()
+    return pa.table({"domain": names.take(pa.array(order)), "docs": pa.array(docs[order], pa.int64()),
+                     "no_shingles": pa.array(no_shingles[order], pa.int64()),
+                     "hash": pa.array([str(h) for h in total[order].tolist()], pa.string()),
+                     "quality": pa.array([quality is not None] * len(names), pa.bool_())})
+
+
+def _write_band_batch(batch: pa.Table, cfg: NearDedupConfig, work: WorkDir, partitions: int) -> pa.Table:
+    """Signatures -> band rows, written per bucket partition; returns per-domain document counts
+    and the input fingerprint (``_per_domain``) of the batch: one pass over the input does both.
+
+    The quality column is optional, looked up in the batch itself (no ``docs.schema()`` pass).
+    A document without words has an EMPTY signature (pipelines.minhash): that alone marks it."""
+    quality = "quality" if "quality" in batch.column_names else None
+    sig = minhash.compute_signatures(batch.column("text"), num_perm=cfg.num_perm, ngram=cfg.ngram,
+                                     seed=cfg.seed, mode=cfg.hash_mode)
+    keep = ~minhash.is_empty(sig)
     idx = np.flatnonzero(keep)
+    take = pa.array(idx)
     q = batch.column(quality).to_numpy(zero_copy_only=False).astype(np.float64)[idx] if quality else None
-    nodes = lsh.node_keys([ids[i] for i in idx], q, lsh.NEW)
-    salt = lsh.domain_salts([domains[i] for i in idx] if cfg.scope == "per_domain" else None, len(idx))
-    rows = lsh.band_rows(nodes, sig[idx], cfg.bands, cfg.rows, salt, with_signature=cfg.verify)
-    parts = lsh.partition_of(rows.column("band").to_numpy(), rows.column("key").to_numpy(), partitions)
+    nodes = lsh.node_keys_array(batch.column("id").combine_chunks().take(take), q, lsh.NEW)
+    salt = lsh.domain_salts(batch.column("domain").take(take).to_pylist() if cfg.scope == "per_domain" else None,
+                            len(idx))
+    parts = lsh.partitioned_band_rows(nodes, sig[idx], cfg.bands, cfg.rows, salt, partitions, cfg.verify)
     # Named by content: a retried or re-run batch overwrites its own files with the same rows.
-    name = hashlib.blake2b("\n".join(ids).encode(), digest_size=12).hexdigest()
-    for p, part in split_rows(rows, parts).items():
+    name = hashlib.blake2b("\n".join(batch.column("id").to_pylist()).encode(), digest_size=12).hexdigest()
+    for p, part in parts.items():
         work.write_table(part, "bands", f"part-{p:05d}", f"{name}.parquet")
-    counts = Counter(domains)
-    skipped = Counter(d for d, k in zip(domains, keep) if not k)
-    names = sorted(counts)
-    return pa.table({"domain": names, "docs": [counts[d] for d in names], "no_shingles": [skipped[d] for d in names]})
+    return _per_domain(batch, keep)
 
 
-def _fingerprint_batch(batch: pa.Table, quality: str | None) -> pa.Table:
-    lengths = pc.utf8_length(batch.column("text")).to_pylist()
-    qualities = batch.column(quality).to_pylist() if quality else [None] * batch.num_rows
-    total = 0
-    for i, d, n, q in zip(batch.column("id").to_pylist(), batch.column("domain").to_pylist(), lengths, qualities):
-        total += int.from_bytes(hashlib.blake2b(f"{i}\0{d}\0{n}\0{q}".encode(), digest_size=8).digest(), "little")
-    return pa.table({"docs": [batch.num_rows], "hash": [str(total % 2**64)]})
+def _fingerprint_batch(batch: pa.Table) -> pa.Table:
+    """The fingerprint alone (a resumed run checks that its input is the one its bands came from)."""
+    return _per_domain(batch, None)
+
+
+def _fold(rows: list[dict]) -> tuple[dict, list[int], str | None]:
+    """Per-batch rows of _write_band_batch/_fingerprint_batch -> (summary, input fingerprint, quality)."""
+    docs, no_shingles, total = Counter(), Counter(), 0
+    for r in rows:
+        docs[r["domain"]] += r["docs"]
+        no_shingles[r["domain"]] += r["no_shingles"]
+        total += int(r["hash"])
+    summary = {"docs": dict(sorted(docs.items())), "no_shingles": dict(sorted(no_shingles.items()))}
+    return summary, [sum(docs.values()), total % 2**64], "quality" if any(r["quality"] for r in rows) else None
 
 
 @ray.remote
@@ -99,13 +137,12 @@ def _edges_task(work: WorkDir, cc: WorkDir, p: int, index_files: list[str], cfg:
     schema = lsh.band_schema(cfg.num_perm, cfg.verify)
     rows = work.read_files(work.files("bands", f"part-{p:05d}") + index_files, schema)
     edges, giants = lsh.bucket_edges(rows, cfg.max_bucket_size, threshold if cfg.verify else None, cfg.num_perm)
-    uf = UnionFind()
-    for a, b in edges:
-        uf.union(a, b)
     # A star per local component: the edge set shrinks before it crosses partitions.
-    reduced = [(n, uf.find(n)) for n in sorted(uf.parent) if uf.find(n) != n]
-    write_graph(cc, reduced, p, partitions)
-    work.write_json({"edges": len(edges), "giants": giants}, "edges", f"done-{p:05d}.json")
+    nodes, roots = lsh.min_components([a for a, _ in edges], [b for _, b in edges])
+    star = pc.not_equal(nodes, roots)
+    nodes, roots = nodes.filter(star), roots.filter(star)
+    write_graph_arrays(cc, nodes, roots, p, partitions)
+    work.write_json({"edges": len(edges), "reduced": len(nodes), "giants": giants}, "edges", f"done-{p:05d}.json")
 
 
 @ray.remote
@@ -151,45 +188,49 @@ class NearDedup:
         self.docs, self.cfg = docs, cfg
         self.work = WorkDir(work_uri, storage_cfg)
         self.cc = WorkDir(self.work.path("cc"), storage_cfg)
-        self.quality = "quality" if "quality" in docs.schema().names else None
         self.index = BandIndex(cfg.index_uri, storage_cfg) if cfg.index_uri else None
         self.index_meta = None
         if self.index and (self.index.exists() or not cfg.update_index):
             self.index_meta = self.index.checked_meta(cfg)
         self.partitions = self.index_meta["partitions"] if self.index_meta else cfg.partitions
-        self.tag = self._open_work_dir()
+        self.local_components_max_rows = components.LOCAL_MAX_ROWS  # 0 forces the distributed rounds
+        self.tag: str | None = None  # the run's identity, known once the bands phase has read the input
 
-    def _open_work_dir(self) -> str:
-        """The run's tag (its input and parameters); work of another input or config is wiped."""
-        fp = self.docs.map_batches(_fingerprint_batch, batch_format="pyarrow",
-                                   fn_kwargs={"quality": self.quality}).take_all()
-        input_fp = [sum(r["docs"] for r in fp), sum(int(r["hash"]) for r in fp) % 2**64]
+    def _identity(self, input_fp: list[int], quality: str | None) -> tuple[str, dict]:
+        """The run's tag (its input and parameters) and the work dir identity (tag + index runs)."""
         run = {"input": input_fp, "params": index_params(self.cfg), "partitions": self.partitions,
-               "max_bucket_size": self.cfg.max_bucket_size, "quality": self.quality,
+               "max_bucket_size": self.cfg.max_bucket_size, "quality": quality,
                "threshold": similarity_threshold(self.cfg)}
         tag = hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:16]
         indexed = [r["tag"] for r in self.index_meta["runs"] if r["tag"] != tag] if self.index_meta else []
-        identity = {"tag": tag, "index": self.cfg.index_uri, "index_runs": indexed}
-        if not self.work.exists("work.json") or self.work.read_json("work.json") != identity:
-            self.work.delete()
-            self.work.write_json(identity, "work.json")
-        return tag
+        return tag, {"tag": tag, "index": self.cfg.index_uri, "index_runs": indexed}
 
     # ------------------------------------------------------------------ phases
 
     def bands(self) -> dict:
-        if self.work.exists("bands", "_DONE.json"):
-            return self.work.read_json("bands", "_DONE.json")
-        self.work.delete("bands")
-        counts = self.docs.map_batches(
+        """Signatures and band rows, in ONE pass over the input that also fingerprints it.
+
+        A finished bands phase (``bands/_DONE.json``) is kept only if a fingerprint pass shows the
+        same input and parameters (``work.json``); anything else wipes the work dir and does the
+        fused pass. Before, a fingerprint pass always ran first, then the bands pass, plus a
+        ``docs.schema()`` execution: three executions of the read instead of one (measured in
+        bench/near_dedup.py: 1M short documents, fingerprint phase 33.7 s -> 0).
+        """
+        if self.work.exists("bands", "_DONE.json") and self.work.exists("work.json"):
+            rows = self.docs.map_batches(_fingerprint_batch, batch_format="pyarrow", batch_size=_BATCH_SIZE).take_all()
+            _, input_fp, quality = _fold(rows)
+            tag, identity = self._identity(input_fp, quality)
+            if self.work.read_json("work.json") == identity:
+                self.tag = tag
+                return self.work.read_json("bands", "_DONE.json")
+        self.work.delete()  # another input or config, or an unfinished bands phase: start over
+        rows = self.docs.map_batches(
             _write_band_batch, batch_format="pyarrow", batch_size=_BATCH_SIZE,
-            fn_kwargs={"cfg": self.cfg, "work": self.work, "partitions": self.partitions, "quality": self.quality},
+            fn_kwargs={"cfg": self.cfg, "work": self.work, "partitions": self.partitions},
         ).take_all()
-        docs, no_shingles = Counter(), Counter()
-        for r in counts:
-            docs[r["domain"]] += r["docs"]
-            no_shingles[r["domain"]] += r["no_shingles"]
-        summary = {"docs": dict(sorted(docs.items())), "no_shingles": dict(sorted(no_shingles.items()))}
+        summary, input_fp, quality = _fold(rows)
+        self.tag, identity = self._identity(input_fp, quality)
+        self.work.write_json(identity, "work.json")
         self.work.write_json(summary, "bands", "_DONE.json")
         return summary
 
@@ -200,11 +241,13 @@ class NearDedup:
             self.cfg, self.partitions, similarity_threshold(self.cfg)) for p in pending])
         done = [self.work.read_json("edges", f"done-{p:05d}.json") for p in range(self.partitions)]
         giants = sorted((g for d in done for g in d["giants"]), key=lambda g: (-g["size"], g["band"], g["key"]))
+        self._graph_rows = 2 * sum(d.get("reduced", 0) for d in done) if all("reduced" in d for d in done) else None
         return {"candidate_edges": sum(d["edges"] for d in done), "giant_buckets": len(giants),
                 "largest_giant_buckets": giants[:_REPORTED_GIANTS]}
 
     def components(self) -> tuple[pa.Table, int]:
-        labels, rounds = connected_components(self.cc, self.partitions)
+        labels, rounds = connected_components(self.cc, self.partitions, getattr(self, "_graph_rows", None),
+                                              self.local_components_max_rows)
         return labels.sort_by("node"), rounds
 
     def update_index(self, labels: pa.Table, summary: dict) -> None:

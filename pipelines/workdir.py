@@ -43,7 +43,10 @@ class WorkDir:
 
     def write_table(self, table: pa.Table, *parts: str) -> None:
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
+        # No dictionary encoding: these columns are hashes and node strings, nearly all distinct,
+        # where Parquet's dictionary attempt only costs. Measured on 57k band rows: write 55 ->
+        # 13 ms, read 25 -> 4 ms, file 0.85 -> 0.69 MB (zstd either way).
+        pq.write_table(table, sink, compression="zstd", use_dictionary=False)
         self.storage.write_bytes(self.path(*parts), sink.getvalue().to_pybytes())
 
     def read_table(self, *parts: str) -> pa.Table:

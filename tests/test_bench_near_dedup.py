@@ -18,7 +18,7 @@ def test_near_dedup_bench_tiny_prints_its_json(tmp_path):
     result = subprocess.run(
         [sys.executable, "bench/near_dedup.py", "--tiny", "--mb", "0.6", "--demo-bytes", "60000",
          "--work", str(tmp_path / "work")],
-        cwd=REPO, capture_output=True, text=True, timeout=240)
+        cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["bench"] == "near_dedup" and out["cores"] == 2 and out["threshold"] == 0.75
@@ -36,3 +36,21 @@ def test_near_dedup_bench_tiny_prints_its_json(tmp_path):
     assert out["maskmix"]["recall"] >= 0.8
     assert out["maskmix"]["startup_s"] > 0  # Ray's start-up is inside `seconds` and reported apart
     assert set(out["maskmix"]["phases"]) >= {"bands", "edges", "components", "write_survivors"}
+    assert out["maskmix"]["cpu_s"] > 0  # CPU seconds of the process tree: comparable on a loaded machine
+
+
+@pytest.mark.slow
+def test_near_dedup_bench_scale_mode_compares_systems(tmp_path):
+    """--scale: short synthetic documents from the same Parquet shards for every system; quality is
+    exact-Jaccard precision of the predicted pairs and recall on the planted pairs."""
+    result = subprocess.run(
+        [sys.executable, "bench/near_dedup.py", "--scale", "3000", "--systems", "maskmix,datasketch",
+         "--work", str(tmp_path / "work")],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["bench"] == "near_dedup_scale" and out["docs"] == 3000 and out["planted_above_threshold"] > 0
+    for system in ("maskmix", "datasketch"):
+        s = out[system]
+        assert s["seconds"] > 0 and s["peak_rss_mb"] > 0 and s["predicted_pairs"] > 0
+        assert s["precision"] >= 0.8 and s["planted_recall"] >= 0.9 and 0 < s["f1"] <= 1

@@ -226,6 +226,7 @@ def test_index_and_work_dir_on_s3(ray_session, s3_bucket, tmp_path):
 def test_killed_run_resumes_with_identical_clusters(ray_session, tmp_path, monkeypatch):
     records, _ = _corpus(n_per_domain=40)
     cfg = NearDedupConfig(partitions=4)
+    monkeypatch.setattr(components, "LOCAL_MAX_ROWS", 0)  # the distributed rounds (a small graph runs in one task)
     reference = _parquet_bytes(near_dedup.find_clusters(_dataset(records), cfg, str(tmp_path / "ref")).clusters)
     work = tmp_path / "killed"
     # Killed during the band phase: some files written, no _DONE marker.
@@ -259,6 +260,46 @@ def test_killed_run_resumes_with_identical_clusters(ray_session, tmp_path, monke
     assert (work / "cc" / "r001" / "done-00000.json").exists()
     resumed = near_dedup.find_clusters(_dataset(records, blocks=2), cfg, str(work))
     assert _parquet_bytes(resumed.clusters) == reference
+
+
+def test_partitioned_band_rows_equal_band_rows_split_by_partition():
+    from pipelines.workdir import split_rows
+
+    rng = np.random.default_rng(3)
+    sig = rng.integers(0, 2**61, size=(50, 112), dtype=np.uint64)
+    nodes = lsh.node_keys([f"d{i}" for i in range(50)], rng.random(50), lsh.NEW)
+    salt = rng.integers(0, 2**63, size=50, dtype=np.uint64)
+    for with_signature in (False, True):
+        rows = lsh.band_rows(nodes, sig, 14, 8, salt, with_signature)
+        expected = split_rows(rows, lsh.partition_of(rows.column("band").to_numpy(), rows.column("key").to_numpy(), 5))
+        got = lsh.partitioned_band_rows(pa.array(nodes), sig, 14, 8, salt, 5, with_signature)
+        assert sorted(got) == sorted(expected)
+        assert all(got[p].equals(expected[p]) for p in got)
+    assert lsh.node_keys_array(pa.array(["b", "a"]), np.array([0.5, np.nan]), lsh.NEW).to_pylist() == \
+        lsh.node_keys(["b", "a"], np.array([0.5, np.nan]), lsh.NEW)
+    assert lsh.node_keys_array(pa.array(["b", "a"]), None, lsh.INDEXED).to_pylist() == \
+        lsh.node_keys(["b", "a"], None, lsh.INDEXED)
+
+
+def test_min_components_roots_are_the_smallest_node():
+    nodes, roots = lsh.min_components(pa.array(["d", "b", "x", "é", "y"]), pa.array(["c", "d", "y", "a", "z"]))
+    assert dict(zip(nodes.to_pylist(), roots.to_pylist())) == {
+        "a": "a", "é": "a", "b": "b", "c": "b", "d": "b", "x": "x", "y": "x", "z": "x"}
+    assert lsh.min_components(pa.array([], pa.string()), pa.array([], pa.string()))[0].to_pylist() == []
+
+
+@pytest.mark.slow
+def test_local_and_distributed_components_agree(ray_session, tmp_path):
+    """A small graph is finished in one task (components.LOCAL_MAX_ROWS), a large one by rounds of
+    label propagation; both give the same clusters."""
+    records, _ = _corpus(n_per_domain=60, fraction=0.5)
+    runs = {}
+    for name, local_max in (("local", components.LOCAL_MAX_ROWS), ("rounds", 0)):
+        run = near_dedup.NearDedup(_dataset(records), NearDedupConfig(partitions=4), str(tmp_path / name))
+        run.local_components_max_rows = local_max
+        runs[name] = run.run()
+    assert runs["local"].report["components_rounds"] == 1 < runs["rounds"].report["components_rounds"]
+    assert runs["local"].clusters.num_rows > 0 and runs["local"].clusters.equals(runs["rounds"].clusters)
 
 
 @pytest.mark.slow

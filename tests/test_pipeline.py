@@ -16,7 +16,7 @@ from infra.config import InputSpec, NearDedupConfig, NormalizeConfig, PipelineCo
 from infra.config import WordCountFilterConfig
 from infra.contracts import SHARD_SCHEMA, check_table_schema, load_manifest
 from pipelines.filters import WordCountFilter, count_words
-from pipelines.near_dedup import UnionFind, shingles
+from pipelines.near_dedup import shingles
 from pipelines.normalize import normalize_text
 from pipelines.run import run_pipeline
 from pipelines.synthetic import default_domains, generate_corpus, plant_near_duplicates, write_jsonl
@@ -45,15 +45,6 @@ def test_word_count_filter_bounds_and_skip_domains():
 def test_shingles_are_normalized_word_ngrams():
     assert shingles("The cat, the CAT!", 2) == {b"the cat", b"cat the"}
     assert shingles("too short", 5) == {b"too short"}
-
-
-def test_union_find_roots_at_smallest_id():
-    uf = UnionFind()
-    uf.union("d", "b")
-    uf.union("c", "d")
-    uf.union("x", "y")
-    assert {uf.find(k) for k in "bcd"} == {"b"}
-    assert uf.find("y") == "x"
 
 
 # --------------------------------------------------------------------------- end to end
