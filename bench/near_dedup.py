@@ -362,11 +362,9 @@ def run_datatrove(spec: dict) -> dict:
                 if c != -1:
                     groups[c].append(r["id"])
                 removed += folder != Path(spec["out"])
-    import orjson
     return {"seconds": t2 - t1, "startup_s": 0.0, "import_s": t1 - t0, "clusters": [g for g in groups.values()
                                                                                    if len(g) > 1],
-            "removed": removed, "phases": phases,
-            "json_lib": "orjson" if hasattr(orjson, "Fragment") or not orjson.__doc__.startswith("stdlib") else "json"}
+            "removed": removed, "phases": phases}
 
 
 def _datasketch_chunk(texts: list[str]) -> np.ndarray:
@@ -431,35 +429,6 @@ def run_datasketch(spec: dict) -> dict:
                        "lsh_union_find": round(t_lsh - t_sig, 3), "write": round(t2 - t_lsh, 3)}}
 
 
-# datatrove's JsonlReader/JsonlWriter require orjson, which this venv does not have: when it is
-# missing, the datatrove child gets this stdlib-json stand-in on its PYTHONPATH (slower than
-# orjson at parsing, a small share of datatrove's time; reported as "json_lib").
-_ORJSON_SHIM = '''"""stdlib-json stand-in for orjson (bench/near_dedup.py): the calls datatrove's JSONL I/O makes."""
-import json
-JSONDecodeError = json.JSONDecodeError
-OPT_APPEND_NEWLINE = 1
-def loads(s):
-    return json.loads(s)
-def dumps(obj, default=None, option=0):
-    return (json.dumps(obj, default=default, ensure_ascii=False) + ("\\n" if option & OPT_APPEND_NEWLINE else "")).encode()
-'''
-
-
-def _child_env(system: str, folder: Path) -> dict:
-    import importlib.util
-
-    env = dict(os.environ)
-    if system == "datatrove" and importlib.util.find_spec("orjson") is None:
-        shim = folder / "orjson_shim"
-        shim.mkdir(exist_ok=True)
-        (shim / "orjson.py").write_text(_ORJSON_SHIM)
-        meta = shim / "orjson-0.0+stdlibshim.dist-info"  # datatrove checks the distribution too
-        meta.mkdir(exist_ok=True)
-        (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: orjson\nVersion: 0.0+stdlibshim\n")
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shim), env.get("PYTHONPATH")]))
-    return env
-
-
 RUNNERS = {"maskmix": run_maskmix, "datatrove": run_datatrove, "datasketch": run_datasketch}
 
 
@@ -500,7 +469,7 @@ def measure(system: str, spec: dict, folder: Path, timeout: float | None = None)
     spec_path.write_text(json.dumps(spec))
     started = time.perf_counter()
     child = subprocess.Popen([sys.executable, __file__, "--child", system, str(spec_path), str(result_path)],
-                             cwd=REPO, env=_child_env(system, folder), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     proc = psutil.Process(child.pid)
     peak = {"rss": 0.0, "pss": 0.0}
     done = threading.Event()
@@ -539,9 +508,8 @@ def _summary(result: dict, mb: float, cores: int) -> dict:
            "mb_per_s_per_core": round(mb / result["seconds"] / cores, 4),
            "peak_rss_mb": result["peak_rss_mb"], "peak_pss_mb": result["peak_pss_mb"], "cpu_s": result.get("cpu_s"),
            "removed": result["removed"], "clusters": len(result["clusters"]), "phases": result["phases"]}
-    for key in ("report", "json_lib"):
-        if key in result:
-            out[key] = result[key]
+    if "report" in result:
+        out["report"] = result["report"]
     return out
 
 

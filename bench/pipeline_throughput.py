@@ -28,8 +28,7 @@ tree, sampled every 0.1 s; Ray's raylet/GCS/workers and the process pools are ch
   datatrove   JsonlReader -> GopherRepetitionFilter -> GopherQualityFilter -> C4QualityFilter ->
               FineWebQualityFilter -> JsonlWriter (uncompressed), LocalPipelineExecutor with
               tasks = workers = cores (its default forkserver pool), language "en" (spaCy's blank
-              English tokenizer, as shipped). orjson, which its JSONL I/O needs, is not installed
-              here: a stdlib-json stand-in is put on its PYTHONPATH (as in bench/near_dedup.py).
+              English tokenizer, as shipped; orjson for its JSONL I/O is a dev extra).
 Rounds are interleaved (full, filters, datatrove, then the next round in a rotated order) so a
 change in machine load hits all alike; rates use each system's median round.
 
@@ -273,39 +272,8 @@ def run_datatrove(spec: dict) -> dict:
         if total is not None:
             steps[s.name] = round(total, 3)
     texts = _read_texts(work / "out")
-    import orjson
     return {"seconds": t2 - t1, "startup_s": 0.0, "import_s": t1 - t0, "kept": list(texts), "texts": texts,
-            "steps_s": steps,
-            "json_lib": "json" if (orjson.__doc__ or "").startswith("stdlib") else "orjson"}
-
-
-# datatrove's JsonlReader/JsonlWriter require orjson, which this venv does not have: when it is
-# missing, the datatrove child gets this stdlib-json stand-in on its PYTHONPATH (a small share of
-# datatrove's time; reported as "json_lib"). Same stand-in as bench/near_dedup.py's.
-_ORJSON_SHIM = '''"""stdlib-json stand-in for orjson (bench/pipeline_throughput.py): the calls datatrove's JSONL I/O makes."""
-import json
-JSONDecodeError = json.JSONDecodeError
-OPT_APPEND_NEWLINE = 1
-def loads(s):
-    return json.loads(s)
-def dumps(obj, default=None, option=0):
-    return (json.dumps(obj, default=default, ensure_ascii=False) + ("\\n" if option & OPT_APPEND_NEWLINE else "")).encode()
-'''
-
-
-def _child_env(system: str, folder: Path) -> dict:
-    import importlib.util
-
-    env = dict(os.environ)
-    if system == "datatrove" and importlib.util.find_spec("orjson") is None:
-        shim = folder / "orjson_shim"
-        shim.mkdir(exist_ok=True)
-        (shim / "orjson.py").write_text(_ORJSON_SHIM)
-        meta = shim / "orjson-0.0+stdlibshim.dist-info"  # datatrove checks the distribution too
-        meta.mkdir(exist_ok=True)
-        (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: orjson\nVersion: 0.0+stdlibshim\n")
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shim), env.get("PYTHONPATH")]))
-    return env
+            "steps_s": steps}
 
 
 RUNNERS = {"full": run_full, "filters": run_filters, "datatrove": run_datatrove}
@@ -339,7 +307,7 @@ def measure(system: str, spec: dict, folder: Path, timeout: float | None = None)
     spec_path.write_text(json.dumps(spec))
     started = time.perf_counter()
     child = subprocess.Popen([sys.executable, __file__, "--child", system, str(spec_path), str(result_path)],
-                             cwd=folder, env=_child_env(system, folder), stdout=subprocess.PIPE,
+                             cwd=folder, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     proc = psutil.Process(child.pid)
     peak = [0.0]
@@ -517,7 +485,7 @@ def compare(opts) -> dict:
         out["ours_filter_apply_warm_docs_per_s"] = summ["filters"]["warm_apply_docs_per_s"]
     if "datatrove" in med:
         d = med["datatrove"]
-        summ["datatrove"].update(kept=len(d["kept"]), steps_s=d["steps_s"], json_lib=d["json_lib"])
+        summ["datatrove"].update(kept=len(d["kept"]), steps_s=d["steps_s"])
         out["datatrove_docs_per_s"] = summ["datatrove"]["docs_per_s"]
         out["datatrove_mb_per_s_per_core"] = summ["datatrove"]["mb_per_s_per_core"]
     if "full" in med and "datatrove" in med:

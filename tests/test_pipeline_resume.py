@@ -68,6 +68,21 @@ class StageSpy:
         monkeypatch.setattr(CorpusPipeline, "_stage", spy)
 
 
+def _run_killed_in_near_dedup(cfg: PipelineConfig, monkeypatch, storage_cfg=None) -> None:
+    """A run that dies after near_dedup wrote its rows but before its marker (stage unfinished)."""
+    original = CorpusPipeline._marked_stats
+
+    def killed(self, key, *args, **kwargs):
+        if key == "near_dedup":
+            raise RuntimeError("killed before near_dedup committed")
+        return original(self, key, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(CorpusPipeline, "_marked_stats", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            run_pipeline(cfg, storage_cfg, progress=lambda msg: None)
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, ray_session, module_mlflow):
     root = tmp_path_factory.mktemp("resume")
@@ -94,18 +109,7 @@ def test_killed_run_resumes_to_byte_identical_shards_and_manifest(corpus, monkey
     root = corpus["root"]
     cfg = _config(root, "killed")
 
-    original = CorpusPipeline._marked_stats
-
-    def killed(self, key, *args, **kwargs):
-        # near_dedup's rows are in its checkpoint, its marker is not: the stage is unfinished
-        if key == "near_dedup":
-            raise RuntimeError("killed before near_dedup committed")
-        return original(self, key, *args, **kwargs)
-
-    with monkeypatch.context() as m:
-        m.setattr(CorpusPipeline, "_marked_stats", killed)
-        with pytest.raises(RuntimeError, match="killed"):
-            run_pipeline(cfg, progress=lambda msg: None)
+    _run_killed_in_near_dedup(cfg, monkeypatch)
     out = root / "killed"
     store = StageStore(str(out), pipeline_run.Storage())
     assert all(store.marker(s) is not None for s in EARLY[:-1])
@@ -258,17 +262,7 @@ def test_s3_in_and_out_and_a_killed_run_resumes_on_s3(corpus, s3_bucket, monkeyp
         storage.write_bytes(join(base, "in", f.name), f.read_bytes())
     cfg = _config(corpus["root"], "unused", inputs=[InputSpec(path=join(base, "in"), domain=None)],
                   output_dir=join(base, "out"))
-    original = CorpusPipeline._marked_stats
-
-    def killed(self, key, *args, **kwargs):
-        if key == "near_dedup":
-            raise RuntimeError("killed before near_dedup committed")
-        return original(self, key, *args, **kwargs)
-
-    with monkeypatch.context() as m:
-        m.setattr(CorpusPipeline, "_marked_stats", killed)
-        with pytest.raises(RuntimeError, match="killed"):
-            run_pipeline(cfg, storage_cfg, progress=lambda msg: None)
+    _run_killed_in_near_dedup(cfg, monkeypatch, storage_cfg)
     spy = StageSpy(monkeypatch)
     manifest, uri = run_pipeline(cfg, storage_cfg, progress=lambda msg: None)
     assert spy.ran == ["near_dedup", "tokenizer", "tokenize_shard"]
