@@ -26,6 +26,11 @@ with equal target weights (what the average/worst-domain columns judge). The gri
 in anyone's budget (it is the answer key). A method can come out slightly below the grid optimum
 (negative regret): the grid is discrete and the runs are noisy.
 
+DoReMi runs twice, with its default reference (natural proportions: row ``doremi``) and with a
+uniform reference (``doremi_uniform_ref``; the paper's choice for GLaM, whose domains differ in
+size as these do). ``--states`` sets the hidden states of every HMM (default 4; 8 makes the
+learnable domains harder, so their losses depend more on the mixture).
+
 Repetition cap (``--max-epochs``, default 32; 0 turns it off): DoReMi's Group-DRO weights stay
 inside the capped simplex (KL projection every step, DoReMiConfig.max_epochs) and the law's sweep
 mixtures and optimizer use the same caps, min(1, max_epochs·U_i/D) with D = steps × batch ×
@@ -68,21 +73,21 @@ LEARNABLE = ("markov", "small", "transfer")
 # --------------------------------------------------------------------------- the corpus
 
 
-def make_hmms(seed: int) -> dict:
+def make_hmms(seed: int, n_states: int = N_STATES) -> dict:
     from pipelines.synthetic import HMM
 
     rng = np.random.default_rng(seed)
-    target = HMM.random(N_STATES, N_SYMBOLS, rng, concentration=0.05)
-    other = HMM.random(N_STATES, N_SYMBOLS, rng, concentration=0.5)
+    target = HMM.random(n_states, N_SYMBOLS, rng, concentration=0.05)
+    other = HMM.random(n_states, N_SYMBOLS, rng, concentration=0.5)
 
     def perturb(h, eps):  # rows stay distributions: (1-eps)·row + eps·(random row)
         return HMM(initial=(1 - eps) * h.initial + eps * other.initial,
                    transition=(1 - eps) * h.transition + eps * other.transition,
                    emission=(1 - eps) * h.emission + eps * other.emission)
 
-    return {"markov": HMM.random(N_STATES, N_SYMBOLS, rng, concentration=0.05),
-            "noise": HMM.random(N_STATES, N_SYMBOLS, rng, concentration=50.0),
-            "small": HMM.random(N_STATES, N_SYMBOLS, rng, concentration=0.05),
+    return {"markov": HMM.random(n_states, N_SYMBOLS, rng, concentration=0.05),
+            "noise": HMM.random(n_states, N_SYMBOLS, rng, concentration=50.0),
+            "small": HMM.random(n_states, N_SYMBOLS, rng, concentration=0.05),
             "transfer": perturb(target, 0.15),
             "target": target}
 
@@ -165,7 +170,7 @@ def train_and_score(root: str, paths: dict, weights: dict[str, float], cfg_dict:
 
 
 def run_doremi_worker(root: str, paths: dict, cfg_dict: dict, eta: float, smoothing: float,
-                      max_epochs: float | None = None) -> dict:
+                      max_epochs: float | None = None, reference: str = "natural") -> dict:
     import mlflow
 
     from infra.config import DoReMiConfig, ProxyConfig
@@ -174,7 +179,7 @@ def run_doremi_worker(root: str, paths: dict, cfg_dict: dict, eta: float, smooth
 
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     cfg = DoReMiConfig(proxy=ProxyConfig(**cfg_dict), eta=eta, smoothing=smoothing, clip="domain",
-                       max_epochs=max_epochs)
+                       max_epochs=max_epochs, reference_weights=reference)
     res = run_doremi(load_manifest(paths["train"]), root, cfg)
     return {"weights": res.weights,
             "steps": sum(2 * r.steps for r in res.rounds), "wall_s": res.wall_s}
@@ -199,6 +204,7 @@ def main(argv=None) -> dict:
                         help="repetition cap for DoReMi and the law (0: none)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--states", type=int, default=N_STATES, help="hidden states of every domain's HMM")
     parser.add_argument("--cache", help="folder of finished proxy runs (JSON per run, keyed by corpus, config "
                                         "and weights): a re-run of the bench reuses them instead of retraining")
     parser.add_argument("--dump", help="write every run (grid, law sweep, chosen mixtures) to this JSON file")
@@ -220,7 +226,7 @@ def main(argv=None) -> dict:
                warmup_steps=max(1, steps // 10), weight_decay=0.0, seed=args.seed,
                eval_docs_per_domain=eval_docs, mc_samples=mc)
 
-    corpus_key = {"seed": args.seed, "train_docs": train_docs, "eval_docs": eval_docs, "seq_len": seq_len}
+    corpus_key = {"seed": args.seed, "states": args.states, "train_docs": train_docs, "eval_docs": eval_docs, "seq_len": seq_len}
     started = time.perf_counter()
     root = tempfile.mkdtemp(prefix="mixing_known_optimum_")
     _setup_worker(root)
@@ -230,7 +236,7 @@ def main(argv=None) -> dict:
     from mixing.repetition import max_proportions
     from mixing.sampling import double_diminishing
 
-    paths = write_corpus(root, make_hmms(args.seed), seq_len, train_docs, eval_docs, args.seed)
+    paths = write_corpus(root, make_hmms(args.seed, args.states), seq_len, train_docs, eval_docs, args.seed)
     manifest = load_manifest(paths["train"])
     names = manifest.domain_names()
     as_dict = lambda r: {d: float(r[i]) for i, d in enumerate(names)}  # noqa: E731
@@ -243,7 +249,8 @@ def main(argv=None) -> dict:
 
     with ProcessPoolExecutor(max_workers=args.workers, initializer=_setup_worker, initargs=(root,)) as pool:
         # DoReMi first (its two runs are sequential, so it overlaps with the grid).
-        doremi_future = pool.submit(run_doremi_worker, root, paths, cfg, 1.0, 1e-3, max_epochs)
+        doremi_futures = {ref: pool.submit(run_doremi_worker, root, paths, cfg, 1.0, 1e-3, max_epochs, ref)
+                          for ref in ("natural", "uniform")}
         run = lambda w: pool.submit(train_and_score, root, paths, w, cfg, args.cache, corpus_key)  # noqa: E731
         grid_futures = [run(as_dict(r)) for r in mixtures]
         law_futures = [run(as_dict(r)) for r in law_mix]
@@ -258,11 +265,13 @@ def main(argv=None) -> dict:
             law_mix, np.array([[r["domains"][d] for d in LEARNABLE] for r in law_sweep]),
             holdout_fraction=holdout, seed=args.seed)
         law_avg_weights = law_avg.optimize(caps=caps, seed=args.seed).weights_dict()
-        doremi = doremi_future.result()
+        doremi = {ref: f.result() for ref, f in doremi_futures.items()}
 
         chosen = {"uniform": uniform_weights(manifest), "natural": natural_weights(manifest),
-                  "doremi": doremi["weights"], "mixing_law": law_weights, "mixing_law_avg": law_avg_weights}
-        budget = {"optimum": 0, "uniform": 0, "natural": 0, "doremi": doremi["steps"],
+                  "doremi": doremi["natural"]["weights"], "doremi_uniform_ref": doremi["uniform"]["weights"],
+                  "mixing_law": law_weights, "mixing_law_avg": law_avg_weights}
+        budget = {"optimum": 0, "uniform": 0, "natural": 0, "doremi": doremi["natural"]["steps"],
+                  "doremi_uniform_ref": doremi["uniform"]["steps"],
                   "mixing_law": steps * len(law_mix), "mixing_law_avg": steps * len(law_mix)}
         # A mixture already trained (a grid or sweep point, or another method's pick) is not retrained:
         # same config and seed give the same run.

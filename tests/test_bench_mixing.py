@@ -11,7 +11,7 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ("optimum", "uniform", "natural", "doremi", "mixing_law", "mixing_law_avg")
+METHODS = ("optimum", "uniform", "natural", "doremi", "doremi_uniform_ref", "mixing_law", "mixing_law_avg")
 
 
 @pytest.mark.slow
