@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""End-to-end near-dedup on 2 cores: maskmix (Ray Data) vs datatrove's MinHash pipeline vs datasketch.
+"""End-to-end near-dedup on 2 cores: maskmix vs datatrove's MinHash pipeline vs datasketch.
 
 Corpus: the demo corpus (pipelines.demo_corpus.harvest: stdlib code, pydoc reference, READMEs,
 license files -- the latter full of real near-duplicates), topped up with synthetic prose
@@ -10,8 +10,14 @@ shards (id, domain, text) that every system reads itself.
 
 Systems, each in its own subprocess (peak memory = the sum of RSS over the process tree, sampled
 every 0.1 s with psutil; Ray's raylet/GCS/workers and datatrove's pool are children of it):
-  maskmix     infra.cluster.ensure_ray(num_cpus=cores) -> ray.data.read_json -> near_dedup.find_clusters
-              (14 x 8) -> the survivors written with Dataset.write_json.
+  maskmix     what a user gets by default: NearDedupConfig's engine "auto" (14 x 8) picks the engine
+              from the input's size. Small (<= local_max_docs documents and local_max_bytes, as the
+              demo corpus): near_dedup_local.read_documents (pyarrow, in-process) ->
+              near_dedup.find_clusters on the in-process engine (no Ray started; signatures on a
+              thread pool of `cores` threads: the child's CPU affinity) -> survivors as JSON lines
+              (pandas, as Ray Data's write_json). Large (--scale): infra.cluster.ensure_ray(num_cpus=
+              cores) -> ray.data.read_json/read_parquet -> find_clusters on Ray -> Dataset.write_json.
+              ``engine`` in its JSON says which ran; --maskmix-cfg '{"engine": "ray"}' forces Ray.
   datatrove   MinhashDedupSignature -> Buckets -> Cluster -> Filter, LocalPipelineExecutor, 14 x 8,
               5-grams, 64-bit xxhash, tasks = workers = cores (buckets: 14 tasks on `cores` workers;
               cluster: 1 task, as it requires), JsonlReader -> ... -> JsonlWriter (uncompressed).
@@ -25,10 +31,15 @@ every 0.1 s with psutil; Ray's raylet/GCS/workers and datatrove's pool are child
 Timing: ``cpu_s`` is the CPU seconds (user + system) of the system's whole process tree (sampled
 with the memory; the last 0.1 s of a process may be missed): on a shared, loaded machine it is
 the comparable number, wall time is not. ``seconds`` is end to end inside the subprocess after
-its Python imports: for maskmix it INCLUDES starting Ray (``startup_s`` says how much of it that was; ``seconds_without_startup`` is
-the rest), for datatrove its executors' process pools. ``import_s`` is printed apart. numba's
-one-time compilation is done before any system runs (its on-disk cache), as in
-bench/minhash_signatures.py. mb_per_s_per_core = input text MB / seconds / cores (cores allotted,
+its Python imports: for maskmix on Ray it INCLUDES starting Ray (``startup_s`` says how much of it
+that was, 0 on the in-process engine; ``seconds_without_startup`` is the rest), for datatrove its
+executors' process pools. ``import_s`` is printed apart. numba's
+one-time compilation is done before any system runs (its on-disk cache, cache=True), as in
+bench/minhash_signatures.py; what remains in the timed run is loading the kernels from that
+cache: ~0.4-0.9 s at the first call of a process, nearly all of it numba's lazy start (its
+registries import numba.np.arraymath, which imports scipy.linalg to check BLAS), ~0.01 s per
+kernel after that; compiling the same kernels cold takes ~4.5 s (measured on this 2-core
+machine, loaded). mb_per_s_per_core = input text MB / seconds / cores (cores allotted,
 also for datasketch whose LSH runs on one process).
 
 Quality: every system's clusters become predicted pairs (all pairs inside a cluster). Ground
@@ -229,12 +240,13 @@ def _read_jsonl(files: list[str]) -> tuple[list[str], list[str]]:
 
 def run_maskmix(spec: dict) -> dict:
     t0 = time.perf_counter()
+    import pyarrow as pa
     import pyarrow.compute as pc
     import ray.data
 
     from infra.cluster import ensure_ray, shutdown_ray
     from infra.config import NearDedupConfig, RayConfig
-    from pipelines import near_dedup
+    from pipelines import near_dedup, near_dedup_local
 
     phases: dict[str, float] = defaultdict(float)
 
@@ -247,23 +259,34 @@ def run_maskmix(spec: dict) -> dict:
                 phases[name] += time.perf_counter() - start
         return wrapper
 
-    nd = near_dedup.NearDedup
-    for name in ("bands", "edges", "components", "update_index", "clusters", "report"):
-        raw = nd.__dict__[name]
-        if isinstance(raw, staticmethod):
-            setattr(nd, name, staticmethod(timed(name.strip("_"), raw.__func__)))
-        else:
-            setattr(nd, name, timed(name.strip("_"), raw))
+    for nd in (near_dedup.NearDedup, near_dedup_local.LocalNearDedup):  # the local engine overrides some
+        for name in ("bands", "edges", "components", "update_index", "clusters", "report"):
+            raw = nd.__dict__.get(name)
+            if isinstance(raw, staticmethod):
+                setattr(nd, name, staticmethod(timed(name.strip("_"), raw.__func__)))
+            elif raw is not None:
+                setattr(nd, name, timed(name.strip("_"), raw))
 
-    t1 = time.perf_counter()
-    ensure_ray(RayConfig(num_cpus=spec["cores"], object_store_memory=spec.get("object_store_mb", 512) * 1024**2))
-    t2 = time.perf_counter()
-    files = spec["files"]
-    reader = ray.data.read_parquet if files[0].endswith(".parquet") else ray.data.read_json
-    docs = reader(files).select_columns(["id", "domain", "text"])
-    if spec.get("materialize"):
-        docs = docs.materialize()
+    # What a user gets by default: the config's engine ("auto") decides from the input's size
+    # whether near-dedup runs in this process (the files read with pyarrow, no Ray started) or on Ray.
     cfg = NearDedupConfig(bands=BANDS, rows=ROWS, ngram=NGRAM, seed=SEED, **spec.get("near_dedup", {}))
+    files = spec["files"]
+    if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > spec["cores"]:
+        # The local engine's thread pool is as large as the CPUs this process may use: `cores` of them.
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:spec["cores"]])
+    t1 = time.perf_counter()
+    docs = near_dedup_local.read_documents(files, cfg)
+    t_read = time.perf_counter()
+    startup = 0.0  # seconds spent starting Ray (none on the local engine)
+    if docs is None:  # the Ray engine: Ray Data reads the files
+        ensure_ray(RayConfig(num_cpus=spec["cores"], object_store_memory=spec.get("object_store_mb", 512) * 1024**2))
+        startup = time.perf_counter() - t_read
+        reader = ray.data.read_parquet if files[0].endswith(".parquet") else ray.data.read_json
+        docs = reader(files).select_columns(["id", "domain", "text"])
+        if spec.get("materialize"):
+            docs = docs.materialize()
+    else:
+        phases["read"] = t_read - t1
     result = near_dedup.find_clusters(docs, cfg, spec["work"])
     t3 = time.perf_counter()
     clusters = result.clusters
@@ -272,15 +295,21 @@ def run_maskmix(spec: dict) -> dict:
     def survivors(batch, removed):
         return batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=removed)))
 
-    docs.map_batches(survivors, batch_format="pyarrow", fn_kwargs={"removed": removed}).write_json(spec["out"])
+    if isinstance(docs, pa.Table):  # the same JSON lines as Ray Data's write_json (pandas, records), one file
+        os.makedirs(spec["out"], exist_ok=True)
+        survivors(docs, removed).to_pandas().to_json(os.path.join(spec["out"], "survivors.json"),
+                                                     orient="records", lines=True)
+    else:
+        docs.map_batches(survivors, batch_format="pyarrow", fn_kwargs={"removed": removed}).write_json(spec["out"])
     t4 = time.perf_counter()
-    shutdown_ray()
+    if ray.is_initialized():
+        shutdown_ray()
     groups = defaultdict(list)
     for d, c in zip(clusters.column("doc_id").to_pylist(), clusters.column("cluster_id").to_pylist()):
         groups[c].append(d)
     phases["write_survivors"] = t4 - t3
-    return {"seconds": t4 - t1, "startup_s": t2 - t1, "import_s": t1 - t0, "clusters": list(groups.values()),
-            "removed": len(removed), "phases": {k: round(v, 3) for k, v in phases.items()},
+    return {"seconds": t4 - t1, "startup_s": startup, "import_s": t1 - t0, "clusters": list(groups.values()),
+            "removed": len(removed), "phases": {k: round(v, 3) for k, v in phases.items()}, "engine": result.engine,
             "report": {k: result.report[k] for k in ("candidate_edges", "components_rounds", "partitions",
                                                      "giant_buckets", "precision")}}
 
@@ -508,6 +537,8 @@ def _summary(result: dict, mb: float, cores: int) -> dict:
            "mb_per_s_per_core": round(mb / result["seconds"] / cores, 4),
            "peak_rss_mb": result["peak_rss_mb"], "peak_pss_mb": result["peak_pss_mb"], "cpu_s": result.get("cpu_s"),
            "removed": result["removed"], "clusters": len(result["clusters"]), "phases": result["phases"]}
+    if "engine" in result:
+        out["engine"] = result["engine"]
     if "report" in result:
         out["report"] = result["report"]
     return out

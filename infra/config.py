@@ -242,6 +242,16 @@ class NearDedupConfig(_Section):
     index_uri: str | None = Field(None, description="persistent band index (local or s3://) to dedup against")
     update_index: bool = Field(False, description="append this run's survivors to index_uri (creating it)")
     precision_sample: int = Field(200, ge=0, description="removed pairs checked by exact shingle Jaccard")
+    # Where it runs (pipelines/near_dedup_local.py). Both engines make identical decisions and write
+    # the same outputs (clusters, index, report); only speed and memory differ.
+    engine: Literal["auto", "local", "ray"] = Field(
+        "auto", description="auto: in-process (no Ray tasks; an Arrow table input starts no Ray) when the input "
+        "holds at most local_max_docs documents and local_max_bytes of text, else distributed on Ray; "
+        "local / ray: always that one")
+    local_max_docs: int = Field(
+        100_000, ge=0, description="engine auto: most documents run in-process (0: always Ray)")
+    local_max_bytes: int = Field(
+        256 * 2**20, ge=0, description="engine auto: most bytes of UTF-8 text run in-process (0: always Ray)")
 
     @model_validator(mode="before")
     @classmethod

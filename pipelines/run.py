@@ -507,8 +507,11 @@ class CorpusPipeline:
 
     def _run_near_dedup(self, docs: ray.data.Dataset, before: dict[str, int]) -> StageMarker:
         # The work dir holds resumable per-phase state (see pipelines/near_dedup.py); documents
-        # carrying a float `quality` column get the best-quality survivor.
-        result = near_dedup.find_clusters(docs, self.cfg.near_dedup, self._uri("dedup", "work"), self.storage_cfg)
+        # carrying a float `quality` column get the best-quality survivor. A small input (the
+        # stage's document count against near_dedup.local_max_docs, then its text bytes) is
+        # read into the driver and deduplicated there (pipelines/near_dedup_local.py): same decisions.
+        result = near_dedup.find_clusters(docs, self.cfg.near_dedup, self._uri("dedup", "work"), self.storage_cfg,
+                                          num_docs=sum(before.values()))
         clusters, report = result.clusters, result.report
         self._write_table(clusters, "dedup", "clusters.parquet")
         dropped = clusters.filter(pc.invert(clusters.column("kept")))
@@ -516,7 +519,8 @@ class CorpusPipeline:
         marked = docs.map_batches(_mark_ids, batch_format="pyarrow", fn_kwargs={
             "ids": dropped.column("doc_id").combine_chunks(), "reason": "near_duplicate", "detail": kept_of})
         extra = {"clusters": report["clusters"], "cluster_sizes": report["cluster_sizes"],
-                 "bands": self.cfg.near_dedup.bands, "rows": self.cfg.near_dedup.rows, "report": report}
+                 "bands": self.cfg.near_dedup.bands, "rows": self.cfg.near_dedup.rows, "report": report,
+                 "engine": result.engine}
         return self._finish_marked("near_dedup", "near_dedup", marked, before, extra)
 
     def tokenizer(self, docs: ray.data.Dataset) -> tuple[str, TokenizerInfo]:

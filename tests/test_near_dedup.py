@@ -1,5 +1,9 @@
 """Distributed MinHash LSH: the S-curve, planted duplicates, survivors, giant buckets, the
-persistent index (local and S3), parameter checks, resume after a kill, odd documents."""
+persistent index (local and S3), parameter checks, resume after a kill, odd documents.
+
+The behaviour tests run on both engines (``engine`` "ray": the distributed phases; "local": the
+in-process path, pipelines/near_dedup_local.py, fed from the same Ray Dataset);
+tests/test_near_dedup_local.py compares the two engines' outputs row for row."""
 
 from __future__ import annotations
 
@@ -29,6 +33,9 @@ def _dataset(records, blocks=4):
     table = pa.Table.from_pylist([{k: r[k] for k in ("id", "domain", "text", *(["quality"] if "quality" in r else []))}
                                   for r in records])
     return ray.data.from_arrow(table).repartition(blocks).materialize()
+
+
+ENGINES = pytest.mark.parametrize("engine", ["ray", "local"])
 
 
 def _run(records, work, blocks=4, **cfg):
@@ -99,11 +106,12 @@ def test_node_keys_sort_by_quality_then_id():
 
 
 @pytest.mark.slow
-def test_planted_near_duplicates_found_and_dissimilar_not(ray_session, tmp_path):
+@ENGINES
+def test_planted_near_duplicates_found_and_dissimilar_not(ray_session, tmp_path, engine):
     records, truth = _corpus(n_per_domain=100, fraction=0.4, edit_rate=0.015)
     far_records, far_truth = _corpus(n_per_domain=30, fraction=0.5, edit_rate=0.45, seed=11)
     far_records = [dict(r, id=f"far-{r['id']}") for r in far_records]
-    result = _run(records + far_records, tmp_path / "work")
+    result = _run(records + far_records, tmp_path / "work", engine=engine)
     removed = _removed(result)
 
     def found(t, prefix=""):
@@ -126,10 +134,11 @@ def test_planted_near_duplicates_found_and_dissimilar_not(ray_session, tmp_path)
 
 
 @pytest.mark.slow
-def test_survivor_is_deterministic_across_blocks_partitions_and_order(ray_session, tmp_path):
+@ENGINES
+def test_survivor_is_deterministic_across_blocks_partitions_and_order(ray_session, tmp_path, engine):
     records, _ = _corpus(n_per_domain=40)
-    first = _run(records, tmp_path / "a", blocks=1, partitions=3)
-    second = _run(list(reversed(records)), tmp_path / "b", blocks=7, partitions=5)
+    first = _run(records, tmp_path / "a", blocks=1, partitions=3, engine=engine)
+    second = _run(list(reversed(records)), tmp_path / "b", blocks=7, partitions=5, engine=engine)
     assert first.clusters.num_rows > 0
     assert first.clusters.equals(second.clusters)
     for cluster_id, kept in zip(first.clusters.column("cluster_id").to_pylist(),
@@ -142,11 +151,12 @@ def test_survivor_is_deterministic_across_blocks_partitions_and_order(ray_sessio
 
 
 @pytest.mark.slow
-def test_quality_beats_smallest_id_and_giant_buckets_are_capped(ray_session, tmp_path):
+@ENGINES
+def test_quality_beats_smallest_id_and_giant_buckets_are_capped(ray_session, tmp_path, engine):
     text = _words(200, 1)
     docs = [_doc("a", text, quality=0.1), _doc("b", text + " extra", quality=0.9), _doc("c", text, quality=None)]
     docs += [_doc(f"g{i:02d}", _words(120, 2), quality=0.0) for i in range(30)]  # one giant bucket per band
-    result = _run(docs, tmp_path / "w", max_bucket_size=10)
+    result = _run(docs, tmp_path / "w", max_bucket_size=10, engine=engine)
     removed = _removed(result)
     assert removed["a"] == "b" and removed["c"] == "b"
     giants = [r for r in removed if r.startswith("g")]
@@ -156,31 +166,34 @@ def test_quality_beats_smallest_id_and_giant_buckets_are_capped(ray_session, tmp
 
 
 @pytest.mark.slow
-def test_incremental_dedup_against_an_index_old_wins(ray_session, tmp_path):
+@ENGINES
+def test_incremental_dedup_against_an_index_old_wins(ray_session, tmp_path, engine):
     index = str(tmp_path / "index")
     old = [_doc(f"z-old-{i}", _words(150, 100 + i)) for i in range(6)]
-    first = _run(old + [_doc("z-old-copy", old[0]["text"])], tmp_path / "w1", index_uri=index, update_index=True)
+    first = _run(old + [_doc("z-old-copy", old[0]["text"])], tmp_path / "w1", index_uri=index, update_index=True,
+                 engine=engine)
     assert _removed(first) == {"z-old-copy": "z-old-0"}
     info = index_info(index)
     assert info["runs"] == 1 and info["documents"] == 6
     # New documents with smaller ids: without the index "a-..." would win; with it, old wins.
     new = [_doc("a-dup-of-old-1", old[1]["text"] + " tail"), _doc("a-dup-of-old-2", old[2]["text"]),
            _doc("b-fresh", _words(150, 999)), _doc("c-fresh-copy", _words(150, 999) + " more")]
-    second = _run(new, tmp_path / "w2", index_uri=index, update_index=True)
+    second = _run(new, tmp_path / "w2", index_uri=index, update_index=True, engine=engine)
     assert _removed(second) == {"a-dup-of-old-1": "z-old-1", "a-dup-of-old-2": "z-old-2", "c-fresh-copy": "b-fresh"}
     assert second.report["matched_index"] == 2
     assert index_info(index)["runs"] == 2 and index_info(index)["documents"] == 7
     # Re-running the same data does not match it against its own (already appended) rows.
-    again = _run(new, tmp_path / "w3", index_uri=index, update_index=True)
+    again = _run(new, tmp_path / "w3", index_uri=index, update_index=True, engine=engine)
     assert again.clusters.equals(second.clusters) and index_info(index)["runs"] == 2
 
 
 @pytest.mark.slow
-def test_scope_per_domain_vs_global(ray_session, tmp_path):
+@ENGINES
+def test_scope_per_domain_vs_global(ray_session, tmp_path, engine):
     text = _words(150, 5)
     docs = [_doc("a", text, domain="web"), _doc("b", text, domain="code"), _doc("c", text + " x", domain="web")]
-    assert _removed(_run(docs, tmp_path / "g")) == {"b": "a", "c": "a"}
-    assert _removed(_run(docs, tmp_path / "d", scope="per_domain")) == {"c": "a"}
+    assert _removed(_run(docs, tmp_path / "g", engine=engine)) == {"b": "a", "c": "a"}
+    assert _removed(_run(docs, tmp_path / "d", scope="per_domain", engine=engine)) == {"c": "a"}
 
 
 @pytest.mark.slow
@@ -211,9 +224,11 @@ def test_index_parameter_mismatch_and_missing_index_are_refused(ray_session, tmp
 
 @pytest.mark.slow
 @pytest.mark.s3
-def test_index_and_work_dir_on_s3(ray_session, s3_bucket, tmp_path):
+@ENGINES
+def test_index_and_work_dir_on_s3(ray_session, s3_bucket, tmp_path, engine):
     bucket, storage = s3_bucket
-    cfg = dict(partitions=4, index_uri=f"{bucket}/index", update_index=True)
+    bucket = f"{bucket}/{engine}"
+    cfg = dict(partitions=4, index_uri=f"{bucket}/index", update_index=True, engine=engine)
     old = [_doc(f"old-{i}", _words(120, 300 + i)) for i in range(4)]
     near_dedup.find_clusters(_dataset(old), NearDedupConfig(**cfg), f"{bucket}/work1", storage)
     new = [_doc("new-0", old[3]["text"]), _doc("new-1", _words(120, 77))]
@@ -225,7 +240,8 @@ def test_index_and_work_dir_on_s3(ray_session, s3_bucket, tmp_path):
 @pytest.mark.slow
 def test_killed_run_resumes_with_identical_clusters(ray_session, tmp_path, monkeypatch):
     records, _ = _corpus(n_per_domain=40)
-    cfg = NearDedupConfig(partitions=4)
+    # Resume is the distributed engine's (the local one writes no work dir).
+    cfg = NearDedupConfig(partitions=4, engine="ray")
     monkeypatch.setattr(components, "LOCAL_MAX_ROWS", 0)  # the distributed rounds (a small graph runs in one task)
     reference = _parquet_bytes(near_dedup.find_clusters(_dataset(records), cfg, str(tmp_path / "ref")).clusters)
     work = tmp_path / "killed"
@@ -303,12 +319,13 @@ def test_local_and_distributed_components_agree(ray_session, tmp_path):
 
 
 @pytest.mark.slow
-def test_empty_one_word_and_multi_megabyte_documents(ray_session, tmp_path):
+@ENGINES
+def test_empty_one_word_and_multi_megabyte_documents(ray_session, tmp_path, engine):
     big = _words(600_000, 42)  # ~4 MB
     assert len(big) > 3_000_000
     docs = [_doc("empty-1", ""), _doc("empty-2", ""), _doc("blank", " \n\t "), _doc("punct", "!!! ...")]
     docs += [_doc("one-1", "hello"), _doc("one-2", "Hello!"), _doc("big-1", big), _doc("big-2", big + " end")]
-    result = _run(docs, tmp_path / "w")
+    result = _run(docs, tmp_path / "w", engine=engine)
     removed = _removed(result)
     assert not any(d.startswith(("empty", "blank", "punct")) for d in removed)
     assert removed["big-2"] == "big-1" and removed["one-2"] == "one-1"
@@ -316,12 +333,29 @@ def test_empty_one_word_and_multi_megabyte_documents(ray_session, tmp_path):
 
 
 @pytest.mark.slow
-def test_verified_index_keeps_signatures_for_later_runs(ray_session, tmp_path):
+@ENGINES
+def test_verified_index_keeps_signatures_for_later_runs(ray_session, tmp_path, engine):
     index = str(tmp_path / "index")
     old = [_doc(f"old-{i}", _words(150, 500 + i)) for i in range(3)]
-    _run(old, tmp_path / "w1", index_uri=index, update_index=True, verify=True)
+    _run(old, tmp_path / "w1", index_uri=index, update_index=True, verify=True, engine=engine)
     assert index_info(index)["params"]["with_signatures"] is True
     new = [_doc("new-0", old[0]["text"] + " tail"), _doc("new-1", _words(150, 12345))]
-    assert _removed(_run(new, tmp_path / "w2", index_uri=index, verify=True)) == {"new-0": "old-0"}
+    assert _removed(_run(new, tmp_path / "w2", index_uri=index, verify=True, engine=engine)) == {"new-0": "old-0"}
     with pytest.raises(DedupIndexError, match="with_signatures"):
-        _run(new, tmp_path / "w3", index_uri=index)
+        _run(new, tmp_path / "w3", index_uri=index, engine=engine)
+
+
+def test_report_pair_jaccards_equal_the_shingle_set_jaccard():
+    """The report's precision sample uses compiled shingle hashes: the same numbers as Python sets."""
+    texts = {"a": _words(300, 1), "b": _words(300, 1) + " and a tail of words", "c": _words(80, 2),
+             "d": "Déjà vu, DÉJÀ vu! Ça va? ça va. straße STRASSE",
+             "e": "déjà vu déjà vu ça va ça va straße",
+             "f": "", "g": "!!! ...", "h": "one", "i": "One!"}
+    pairs = [("a", "b"), ("a", "c"), ("d", "e"), ("f", "g"), ("f", "h"), ("h", "i"), ("b", "b")]
+    expected = []
+    for x, y in pairs:
+        sx, sy = shingles(texts[x], 5), shingles(texts[y], 5)
+        expected.append(len(sx & sy) / len(sx | sy) if sx or sy else 1.0)
+    assert near_dedup.pair_jaccards(texts, pairs, 5) == expected
+    assert 0 < expected[0] < 1 and expected[4] == 0.0 and expected[3] == expected[5] == 1.0
+    assert near_dedup.pair_jaccards(texts, [], 5) == []

@@ -20,6 +20,17 @@ from pipelines.run import run_pipeline
 from pipelines.synthetic import default_domains, generate_corpus, plant_near_duplicates, write_jsonl
 
 
+def _config(root: Path, **near_dedup) -> PipelineConfig:
+    return PipelineConfig(
+        inputs=[InputSpec(path=str(root / "in"))],
+        output_dir=str(root / "out"),
+        word_count_filter=WordCountFilterConfig(min_words=10),
+        near_dedup=NearDedupConfig(bands=20, rows=5, partitions=4, **near_dedup),
+        tokenizer=TokenizerConfig(vocab_size=300),
+        shards=ShardConfig(max_rows=50, validation_fraction=0.1),
+    )
+
+
 @pytest.fixture(scope="module")
 def near_dedup_run(tmp_path_factory, ray_session, module_mlflow):
     root = tmp_path_factory.mktemp("pipeline_near_dedup")
@@ -27,16 +38,9 @@ def near_dedup_run(tmp_path_factory, ray_session, module_mlflow):
     records = generate_corpus(domains, docs_per_domain=30, seed=11)
     records, truth = plant_near_duplicates(records, fraction=0.2, edit_rate=0.01, rng=np.random.default_rng(5))
     write_jsonl(records, root / "in" / "docs.jsonl")
-    cfg = PipelineConfig(
-        inputs=[InputSpec(path=str(root / "in"))],
-        output_dir=str(root / "out"),
-        word_count_filter=WordCountFilterConfig(min_words=10),
-        near_dedup=NearDedupConfig(bands=20, rows=5, partitions=4),
-        tokenizer=TokenizerConfig(vocab_size=300),
-        shards=ShardConfig(max_rows=50, validation_fraction=0.1),
-    )
+    cfg = _config(root)  # engine "auto": this small input runs in the driver (pipelines/near_dedup_local.py)
     manifest, uri = run_pipeline(cfg, progress=lambda m: None)
-    return {"cfg": cfg, "manifest": manifest, "uri": uri, "truth": truth, "mlflow": module_mlflow}
+    return {"cfg": cfg, "manifest": manifest, "uri": uri, "truth": truth, "mlflow": module_mlflow, "root": root}
 
 
 def _stage(manifest, name):
@@ -82,3 +86,28 @@ def test_manifest_near_dedup_stage_carries_the_report(near_dedup_run):
     clusters = pq.read_table(out / "dedup" / "clusters.parquet").to_pylist()
     kept_of = {c["doc_id"]: c["kept_doc_id"] for c in clusters}
     assert all(r["detail"] == kept_of[d] for d, r in removed.items())
+
+
+@pytest.mark.slow
+def test_pipeline_near_dedup_stage_is_the_same_on_the_ray_engine(near_dedup_run, tmp_path):
+    """The default run's near-dedup stage ran in the driver; the same pipeline with engine "ray"
+    writes the same clusters.parquet, removals and report, and a re-run resumes from its stage
+    checkpoints."""
+    import shutil
+
+    stage = _stage(near_dedup_run["manifest"], "near_dedup")
+    assert stage.extra["engine"] == "local"
+    shutil.copytree(near_dedup_run["root"] / "in", tmp_path / "in")
+    cfg = _config(tmp_path, engine="ray")
+    manifest, _ = run_pipeline(cfg, progress=lambda m: None)
+    ray_stage = _stage(manifest, "near_dedup")
+    assert ray_stage.extra["engine"] == "ray"
+    assert ray_stage.extra["report"] == stage.extra["report"]
+    assert (ray_stage.docs_in, ray_stage.docs_out, ray_stage.removed) == (stage.docs_in, stage.docs_out, stage.removed)
+    local_out, ray_out = Path(near_dedup_run["cfg"].output_dir), Path(cfg.output_dir)
+    for name in ("dedup/clusters.parquet", "removed/near_dedup.parquet"):
+        assert pq.read_table(ray_out / name).to_pylist() == pq.read_table(local_out / name).to_pylist(), name
+    # Resumed: every stage loads from its checkpoint, nothing is redone.
+    lines = []
+    run_pipeline(cfg, progress=lines.append)
+    assert any("near_dedup" in line and "resumed" in line for line in lines), lines
