@@ -310,6 +310,199 @@ def dedup_index_info(uri: str = typer.Argument(..., help="a near-dedup index (lo
         _fail(e)
 
 
+# --------------------------------------------------------------------------- cluster jobs and the local stack
+
+jobs_app = typer.Typer(help="Jobs submitted with `maskmix submit` (Ray Jobs API).", no_args_is_help=True)
+stack_app = typer.Typer(help="A local stack: Ray head (token auth) + MLflow server, on loopback.",
+                        no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(stack_app, name="stack")
+AddressOpt = typer.Option(..., "--address", envvar="RAY_API_SERVER_ADDRESS",
+                          help="The cluster's Jobs API, http://HEAD:8265 (env RAY_API_SERVER_ADDRESS).")
+TokenOpt = typer.Option(None, "--token", help="Ray auth token (default: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, "
+                        "~/.ray/auth_token).")
+StackDirOpt = typer.Option(".maskmix/stack", "--dir", help="Where the stack keeps its state, logs and stores.")
+
+
+def _jobs_client(address: str, token: Optional[str]):
+    from infra.jobs import JobsClient
+
+    return JobsClient(address, token)
+
+
+@app.command()
+def submit(stage: str = typer.Argument(..., help="pipeline | mix | train | eval"),
+           config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt,
+           address: Optional[str] = typer.Option(None, "--address", envvar="RAY_API_SERVER_ADDRESS",
+                                                 help="The cluster's Jobs API, http://HEAD:8265; none: run here, "
+                                                 "in this process, as the stage's own command does."),
+           method: str = typer.Option("doremi", help="mix: baseline | doremi | laws"),
+           cpus: Optional[float] = typer.Option(None, help="CPUs reserved for the job's driver"),
+           gpus: Optional[float] = typer.Option(None, help="GPUs: for the driver, or per train worker with --workers"),
+           workers: Optional[int] = typer.Option(None, help="train: Ray Train workers (sets train.launch.mode=ray)"),
+           job_id: Optional[str] = typer.Option(None, "--job-id", help="submission id (default: readable, unique)"),
+           token: Optional[str] = TokenOpt,
+           wait: bool = typer.Option(False, "--wait", help="Follow the logs until the job ends; exit 1 unless it "
+                                     "SUCCEEDED.")):
+    """Submit a stage to a Ray cluster through the Jobs API (the same config runs here without --address)."""
+    _setup_logging(False)
+    if address is None:
+        local = {"pipeline": pipeline_run, "train": train, "eval": evaluate}
+        if stage == "mix":
+            return _mix(method, config, set_, False)
+        if stage not in local:
+            _fail(ValueError(f"unknown stage {stage!r}; choose pipeline, mix, train or eval"))
+        kwargs = {"config": config, "set_": set_}
+        if stage == "pipeline":
+            kwargs |= {"force": None, "progress_bars": False, "verbose": False}
+        elif stage == "train":
+            kwargs |= {"verbose": False}
+        else:
+            kwargs |= {"checkpoint": None, "manifest": None}
+        return local[stage](**kwargs)
+    try:
+        from infra.jobs import submit as submit_job
+
+        job = submit_job(stage, str(config), address, set_, token=token, cpus=cpus, gpus=gpus, workers=workers,
+                         job_id=job_id, method=method)
+    except MaskmixError as e:
+        _fail(e)
+    typer.echo(f"submitted {job.job_id} to {job.address}: {job.entrypoint}")
+    typer.echo(f"  follow: maskmix jobs logs {job.job_id} --follow --address {job.address}")
+    if wait:
+        _follow(_jobs_client(address, token), job.job_id)
+
+
+def _follow(client, job_id: str) -> None:
+    for chunk in client.follow(job_id):
+        typer.echo(chunk, nl=False)
+    status = client.status(job_id)
+    typer.echo(f"\njob {job_id}: {status}")
+    if status != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+@jobs_app.command("list")
+def jobs_list(address: str = AddressOpt, token: Optional[str] = TokenOpt,
+              all_jobs: bool = typer.Option(False, "--all", help="Also jobs not submitted by maskmix.")):
+    """Jobs on the cluster: id, status, stage, user, config hash, start time."""
+    try:
+        jobs = _jobs_client(address, token).list(all_jobs)
+    except MaskmixError as e:
+        _fail(e)
+    import datetime
+
+    typer.echo(f"{'job id':<58} {'status':<10} {'stage':<14} {'user':<10} {'config':<12} started")
+    for j in jobs:
+        md = j.metadata or {}
+        started = datetime.datetime.fromtimestamp(j.start_time / 1000).isoformat(timespec="seconds") \
+            if j.start_time else "-"
+        typer.echo(f"{j.submission_id or j.job_id:<58} {j.status.value:<10} {md.get('stage', '-'):<14} "
+                   f"{md.get('user', '-'):<10} {md.get('config_hash', '-'):<12} {started}")
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: str, address: str = AddressOpt, token: Optional[str] = TokenOpt):
+    """A job's status and message."""
+    try:
+        info = _jobs_client(address, token).info(job_id)
+    except MaskmixError as e:
+        _fail(e)
+    typer.echo(f"{job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: str, address: str = AddressOpt, token: Optional[str] = TokenOpt,
+              follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the job ends.")):
+    """A job's driver logs."""
+    try:
+        client = _jobs_client(address, token)
+        if follow:
+            return _follow(client, job_id)
+        typer.echo(client.logs(job_id), nl=False)
+    except MaskmixError as e:
+        _fail(e)
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: str, address: str = AddressOpt, token: Optional[str] = TokenOpt):
+    """Stop a running job and wait until it has stopped."""
+    try:
+        status = _jobs_client(address, token).stop(job_id)
+    except MaskmixError as e:
+        _fail(e)
+    typer.echo(f"{job_id}: {status}")
+
+
+@stack_app.command("up")
+def stack_up(directory: Path = StackDirOpt,
+             host: str = typer.Option("127.0.0.1", help="Address the services bind to (loopback by default)."),
+             cpus: Optional[int] = typer.Option(None, help="CPUs the Ray head offers (default: all)."),
+             artifacts: Optional[str] = typer.Option(None, help="MLflow artifact destination: a folder or s3:// "
+                                                     "(default <dir>/mlartifacts)."),
+             config: Optional[Path] = typer.Option(None, "--config", help="YAML whose storage: section (S3 endpoint "
+                                                   "and credentials) the MLflow server uses for s3:// artifacts."),
+             set_: Optional[list[str]] = SetOpt):
+    """Start a Ray head and an MLflow server; print what to export to use them."""
+    from infra.config import load_config
+    from infra.stack import Stack
+
+    try:
+        storage = load_config(config, set_ or []).storage
+        services = Stack(directory).up(host=host, ray_cpus=cpus, artifacts=artifacts, storage=storage)
+    except MaskmixError as e:
+        _fail(e)
+    for name, svc in services.items():
+        typer.echo(f"{name:<7} {svc.url}  pid {svc.pid}  log {svc.log}")
+    typer.echo("\nto use it:")
+    for key, value in Stack(directory).env().items():
+        typer.echo(f"  export {key}={value}")
+
+
+@stack_app.command("status")
+def stack_status(directory: Path = StackDirOpt):
+    """Each service of the stack: running, answering, its URL."""
+    from infra.stack import Stack
+
+    stack = Stack(directory)
+    status = stack.status()
+    if not status:
+        typer.echo(f"no stack in {stack.dir}")
+        raise typer.Exit(1)
+    for name, s in status.items():
+        state = "up" if s["answers"] else ("running, not answering" if s["running"] else "down")
+        typer.echo(f"{name:<7} {state:<24} {s['url']}  pid {s['pid']}")
+    for key, value in stack.env().items():
+        typer.echo(f"  export {key}={value}")
+    if not all(s["answers"] for s in status.values()):
+        raise typer.Exit(1)
+
+
+@stack_app.command("down")
+def stack_down(directory: Path = StackDirOpt):
+    """Stop exactly the processes `stack up` started."""
+    from infra.stack import Stack
+
+    for name, result in Stack(directory).down().items():
+        typer.echo(f"{name:<7} {result}")
+
+
+@app.command("dashboard")
+def dashboard(tracking_uri: Optional[str] = typer.Option(
+                  None, "--tracking-uri", help="MLflow store to read (default: $MLFLOW_TRACKING_URI, else "
+                  "sqlite:///./mlflow.db); a sqlite file, a folder or an http(s) tracking server."),
+              host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
+              port: int = typer.Option(8501, help="Port to serve on."),
+              mlflow_ui_url: Optional[str] = typer.Option(
+                  None, "--mlflow-ui-url", help="Where run links point (default: the tracking server, "
+                  "else http://127.0.0.1:5000 for `mlflow ui`).")):
+    """Start the analysts' dashboard (Streamlit): mixtures, data pipeline and training runs from MLflow."""
+    from dashboards.serve import exec_server
+
+    typer.echo(f"maskmix dashboard on http://{host}:{port} (Ctrl-C stops it)", err=True)
+    exec_server(tracking_uri, host, port, mlflow_ui_url)  # this process becomes the server
+
+
 def main() -> None:  # python -m infra.cli
     app()
 

@@ -317,7 +317,10 @@ class CorpusPipeline:
             fps["quality_filter"] = fingerprint("quality_filter", fps["unique_ids"], c["normalize"], c["filters"],
                                                 c["word_count_filter"])
             fps["exact_dedup"] = fingerprint("exact_dedup", fps["quality_filter"], c["exact_dedup"])
-            fps["near_dedup"] = fingerprint("near_dedup", fps["exact_dedup"], c["near_dedup"])
+            # Where near-dedup runs (in-process or on Ray) does not change its output (tested row for
+            # row), so switching engines or their size limits must not redo the stage and all after it.
+            near = {k: v for k, v in c["near_dedup"].items() if k not in ("engine", "local_max_docs", "local_max_bytes")}
+            fps["near_dedup"] = fingerprint("near_dedup", fps["exact_dedup"], near)
             fps["tokenizer"] = fingerprint("tokenizer", fps["near_dedup"], tok)
             fps["tokenize_shard"] = fingerprint("tokenize_shard", fps["tokenizer"], c["shards"])
             self._fps = fps
