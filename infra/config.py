@@ -657,13 +657,21 @@ def _apply_set(data: dict, assignment: str) -> None:
     if not all(path):
         raise ConfigError(f"--set {assignment!r}: empty key segment")
     node = data
-    for part in path[:-1]:
-        if node.get(part) is None:  # absent, or declared empty in YAML (`eval:` is null)
-            node[part] = {}
-        node = node[part]
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {assignment!r}: {part} is not a section")
-    node[path[-1]] = yaml.safe_load(raw)  # "100" -> 100, "true" -> True, "[a,b]" -> list
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        if isinstance(node, list):  # pipeline.inputs.0.path: a list entry by its index
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {assignment!r}: {'.'.join(path[:i])} has {len(node)} entries, "
+                                  f"no index {part!r}")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"--set {assignment!r}: {path[i - 1]} is not a section")
+        if last:
+            node[part] = yaml.safe_load(raw)  # "100" -> 100, "true" -> True, "[a,b]" -> list
+        else:
+            if isinstance(node, dict) and node.get(part) is None:  # absent, or declared empty (`eval:` is null)
+                node[part] = {}
+            node = node[part]
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

@@ -228,6 +228,14 @@ def test_set_creates_a_section_declared_empty(tmp_path):
     assert cfg.eval.mc_samples == 4
 
 
+def test_set_reaches_into_a_list_entry_by_index(tmp_path):
+    path = write(tmp_path, "pipeline:\n  inputs: [{path: a}, {path: b}]\n  output_dir: out\n")
+    cfg = load_config(path, overrides=["pipeline.inputs.1.path=s3://corpora/raw", "pipeline.inputs.0.domain=web"])
+    assert [(i.path, i.domain) for i in cfg.pipeline.inputs] == [("a", "web"), ("s3://corpora/raw", None)]
+    msg = config_error(path, overrides=["pipeline.inputs.2.path=x"])
+    assert "pipeline.inputs has 2 entries, no index '2'" in msg
+
+
 @pytest.mark.parametrize("assignment, fragment", [
     ("train.steps", "expected KEY=VALUE"),
     ("train..steps=3", "empty key segment"),
