@@ -438,6 +438,8 @@ def jobs_stop(job_id: str, address: str = AddressOpt, token: Optional[str] = Tok
 def stack_up(directory: Path = StackDirOpt,
              host: str = typer.Option("127.0.0.1", help="Address the services bind to (loopback by default)."),
              cpus: Optional[int] = typer.Option(None, help="CPUs the Ray head offers (default: all)."),
+             object_store_mb: int = typer.Option(1024, "--object-store-mb", min=75,
+                                                 help="Ray object store (shared memory), MiB."),
              artifacts: Optional[str] = typer.Option(None, help="MLflow artifact destination: a folder or s3:// "
                                                      "(default <dir>/mlartifacts)."),
              config: Optional[Path] = typer.Option(None, "--config", help="YAML whose storage: section (S3 endpoint "
@@ -449,7 +451,8 @@ def stack_up(directory: Path = StackDirOpt,
 
     try:
         storage = load_config(config, set_ or []).storage
-        services = Stack(directory).up(host=host, ray_cpus=cpus, artifacts=artifacts, storage=storage)
+        services = Stack(directory).up(host=host, ray_cpus=cpus, artifacts=artifacts, storage=storage,
+                                       object_store_memory=object_store_mb * 1024**2)
     except MaskmixError as e:
         _fail(e)
     for name, svc in services.items():

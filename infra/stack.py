@@ -139,7 +139,8 @@ class Stack:
     # ------------------------------------------------------------------ up
 
     def up(self, host: str = "127.0.0.1", ray_cpus: int | None = None, artifacts: str | None = None,
-           storage: StorageConfig | None = None, timeout_s: float = 120.0) -> dict[str, Service]:
+           storage: StorageConfig | None = None, timeout_s: float = 120.0,
+           object_store_memory: int = 1024**3) -> dict[str, Service]:
         running = {n: s for n, s in self.services().items() if s.process() is not None}
         if running:
             raise StackError(f"a stack is already running from {self.dir} ({', '.join(running)}); "
@@ -147,7 +148,7 @@ class Stack:
         self.dir.mkdir(parents=True, exist_ok=True)
         started: dict[str, Service] = {}
         try:
-            started["ray"] = self._start_ray(host, ray_cpus)
+            started["ray"] = self._start_ray(host, ray_cpus, object_store_memory)
             self._save(started, host=host)
             started["mlflow"] = self._start_mlflow(host, artifacts, storage or StorageConfig())
             self._save(started, host=host)
@@ -181,7 +182,7 @@ class Stack:
         os.chmod(token_path, 0o600)
         return value, str(token_path)
 
-    def _start_ray(self, host: str, cpus: int | None) -> Service:
+    def _start_ray(self, host: str, cpus: int | None, object_store_memory: int) -> Service:
         token, token_path = self._token()
         ports = {k: free_port() for k in ("port", "dashboard-port", "dashboard-agent-listen-port",
                                           "dashboard-agent-grpc-port", "metrics-export-port",
@@ -198,7 +199,10 @@ class Stack:
             env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         cmd = [_bin("ray"), "start", "--head", "--block", f"--node-ip-address={host}",
                f"--dashboard-host={host}", "--include-dashboard=true", "--disable-usage-stats",
-               f"--temp-dir={temp_dir}", *[f"--{k}={v}" for k, v in ports.items()]]
+               f"--temp-dir={temp_dir}", *[f"--{k}={v}" for k, v in ports.items()],
+               # Ray's default object store takes 30% of RAM as shared memory: sized for a dedicated
+               # node, not for a laptop that also runs the jobs' drivers.
+               f"--object-store-memory={object_store_memory}"]
         if cpus:
             cmd.append(f"--num-cpus={cpus}")
         url = f"http://{host}:{ports['dashboard-port']}"

@@ -7,11 +7,13 @@ below them in the import graph, and a `maskmix --help` should not pay for import
 
 from __future__ import annotations
 
+import tempfile
 from typing import Callable
 
 from infra import tracking
 from infra.config import MaskmixConfig, config_hash
-from infra.storage import Storage
+from infra.output_lock import output_lock
+from infra.storage import Storage, is_s3
 
 
 def run_pipeline_stage(cfg: MaskmixConfig, progress: Callable[[str], None] = print,
@@ -19,15 +21,22 @@ def run_pipeline_stage(cfg: MaskmixConfig, progress: Callable[[str], None] = pri
     """Run or resume the corpus pipeline; ``force`` names stages (or "all") to redo with all that follow."""
     from pipelines.run import run_pipeline
 
-    return run_pipeline(cfg.require("pipeline"), cfg.storage, cfg.ray, progress, force=force,
-                        progress_bars=progress_bars)
+    pipeline = cfg.require("pipeline")
+    # One writer per output_dir: a second run there would interleave its stage checkpoints and shards.
+    with output_lock(pipeline.output_dir, Storage(cfg.storage), "pipeline"):
+        return run_pipeline(pipeline, cfg.storage, cfg.ray, progress, force=force, progress_bars=progress_bars)
 
 
 def run_mix_stage(cfg: MaskmixConfig, method: str = "baseline", progress: Callable[[str], None] | None = None):
     """`maskmix mix METHOD`: baseline (mix.method: natural | uniform | temperature), doremi or laws."""
     from mixing.run import run_mix
 
-    return run_mix(cfg.require("mix"), cfg.storage, cfg.ray, method=method, progress=progress)
+    mix = cfg.require("mix")
+    if method != "laws":
+        return run_mix(mix, cfg.storage, cfg.ray, method=method, progress=progress)
+    # The laws' sweep folder is its resume state: two sweeps there would each take the other's runs.
+    with output_lock(mix.sweep.output_dir, Storage(cfg.storage), "mix laws"):
+        return run_mix(mix, cfg.storage, cfg.ray, method=method, progress=progress)
 
 
 def run_train_stage(cfg: MaskmixConfig, progress: Callable[[str], None] = print):
@@ -36,9 +45,11 @@ def run_train_stage(cfg: MaskmixConfig, progress: Callable[[str], None] = print)
 
     train_cfg = cfg.require("train")
     # The trainer logs its own params (config, model size, DeepSpeed config, weights).
-    with tracking.stage_run("train", system_metrics=True, tags={"maskmix.config_hash": config_hash(train_cfg),
-                                  "maskmix.manifest": train_cfg.manifest,
-                                  "maskmix.mixture": train_cfg.mixture or "natural"}):
+    # One writer per output_dir: two runs there would write each other's checkpoints and `latest`.
+    tags = {"maskmix.config_hash": config_hash(train_cfg), "maskmix.manifest": train_cfg.manifest,
+            "maskmix.mixture": train_cfg.mixture or "natural"}
+    with output_lock(train_cfg.output_dir, Storage(cfg.storage), "train"), \
+            tracking.stage_run("train", system_metrics=True, tags=tags):
         # local (this process), torchrun (N ranks on this machine) or Ray Train, by train.launch.mode
         result = launch(train_cfg, cfg.storage, cfg.ray, progress=progress)
         tracking.set_tags({"maskmix.checkpoint": result.checkpoint_dir})
@@ -64,12 +75,37 @@ def run_eval_stage(cfg: MaskmixConfig, checkpoint: str | None = None, manifest: 
     storage = Storage(cfg.storage)
     manifest_obj = load_manifest(manifest_uri, storage)
     with tracking.stage_run("eval", params={"checkpoint": checkpoint, "manifest": manifest_uri,
-                                            **eval_cfg.model_dump(mode="json")}):
-        model, args = load_model(checkpoint)
+                                            **eval_cfg.model_dump(mode="json")}), \
+            tempfile.TemporaryDirectory(prefix="maskmix-eval-") as scratch:
+        model, args = load_model(_local_checkpoint(checkpoint, storage, scratch))
         results = evaluate(model, manifest_obj, _parent(manifest_uri), eval_cfg, seq_len=args.max_seq_len,
                            storage=storage)
         log_eval(results)
     return results
+
+
+def _local_checkpoint(checkpoint: str, storage: Storage, scratch: str) -> str:
+    """``checkpoint`` itself, or for an s3:// one a copy in ``scratch``.
+
+    load_model reads local files only, so an s3:// checkpoint (a train.checkpoint_uri mirror, whose
+    ``latest`` names the step, or one step folder of it) would fail as "not a checkpoint"; it is
+    copied to a temporary folder first, the way a run resumes from its mirror.
+    """
+    if not is_s3(checkpoint):
+        return checkpoint
+    import pyarrow.fs as pafs
+
+    from training.checkpoint_mirror import CheckpointMirror
+
+    mirror = CheckpointMirror(checkpoint, storage)
+    try:
+        if mirror.latest_tag() is not None:
+            return mirror.download_latest(scratch)
+    finally:
+        mirror.close()
+    fs, remote = storage.filesystem(checkpoint.rstrip("/"))
+    pafs.copy_files(remote, scratch, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return scratch
 
 
 def _parent(uri: str) -> str:

@@ -10,39 +10,18 @@ says so.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import boto3
-import psutil
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from tests.stack_fixtures import local_stack, maskmix_env, run_maskmix
+
 pytestmark = [pytest.mark.slow]
-
-MASKMIX = [sys.executable, "-m", "infra.cli"]
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _env(token_path: str | None = None, home: Path | None = None, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN")}
-    env.pop("RAY_API_SERVER_ADDRESS", None)
-    if token_path:
-        env["RAY_AUTH_TOKEN_PATH"] = token_path
-    if home is not None:  # no ~/.ray/auth_token of the developer's
-        env["HOME"] = str(home)
-    env.update(extra)
-    return env
-
-
-def _maskmix(args, cwd, env, timeout=600):
-    return subprocess.run(MASKMIX + [str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -56,36 +35,8 @@ def stack(tmp_path_factory, s3_server):
     storage = root / "storage.yaml"
     storage.write_text(yaml.safe_dump({"storage": {"endpoint_url": s3_server, "region": "us-east-1",
                                                    "access_key_id": "testing", "secret_access_key": "testing"}}))
-    stack_dir = root / "stack"
-    home = root / "home"
-    home.mkdir()
-    up = _maskmix(["stack", "up", "--dir", stack_dir, "--cpus", 2, "--artifacts", f"s3://{bucket}/mlflow",
-                   "--config", storage], root, _env(home=home))
-    state = stack_dir / "stack.json"
-    try:
-        assert up.returncode == 0, up.stdout + up.stderr
-        services = json.loads(state.read_text())["services"]
-        env_lines = dict(line.strip().removeprefix("export ").split("=", 1)
-                         for line in up.stdout.splitlines() if line.strip().startswith("export "))
-        yield {"root": root, "dir": stack_dir, "home": home, "services": services, "bucket": bucket, "s3": s3,
-               "address": env_lines["RAY_API_SERVER_ADDRESS"], "token_path": env_lines["RAY_AUTH_TOKEN_PATH"],
-               "mlflow": env_lines["MLFLOW_TRACKING_URI"]}
-    finally:
-        pids = [s["pid"] for s in json.loads(state.read_text())["services"].values()] if state.exists() else []
-        groups = {os.getpgid(p) for p in pids if psutil.pid_exists(p)}
-        down = _maskmix(["stack", "down", "--dir", stack_dir], root, _env(home=home))
-        assert down.returncode == 0, down.stdout + down.stderr
-        # Exactly what it started is gone: every process of every group it recorded.
-        left = [p.pid for p in psutil.process_iter() if _pgid(p.pid) in groups and p.status() != psutil.STATUS_ZOMBIE]
-        assert left == [], f"processes left by the stack: {left}"
-        assert not state.exists()
-
-
-def _pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except OSError:
-        return None
+    with local_stack(root, ["--cpus", 2, "--artifacts", f"s3://{bucket}/mlflow", "--config", storage]) as st:
+        yield {**st, "bucket": bucket, "s3": s3}
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +74,8 @@ def pipeline_job(stack, corpus):
     """A pipeline job on the demo corpus, submitted and followed to its end with `--wait`."""
     out = stack["root"] / "pipeline-out"
     config = _pipeline_config(stack, corpus, out)
-    result = _maskmix(["submit", "pipeline", config, "--address", stack["address"], "--wait"], stack["root"],
-                      _env(stack["token_path"], stack["home"]))
+    result = run_maskmix(["submit", "pipeline", config, "--address", stack["address"], "--wait"], stack["root"],
+                      maskmix_env(stack["token_path"], stack["home"]))
     return {"result": result, "out": out, "config": config}
 
 
@@ -138,26 +89,26 @@ def test_pipeline_job_succeeds_and_writes_its_manifest(stack, pipeline_job):
     assert set(manifest["domains"]) == {"code", "reference"}
     assert all(s["rows"] > 0 for d in manifest["domains"].values() for s in d["shards"])
 
-    env = _env(stack["token_path"], stack["home"], RAY_API_SERVER_ADDRESS=stack["address"])
-    status = _maskmix(["jobs", "status", job_id], stack["root"], env)
+    env = maskmix_env(stack["token_path"], stack["home"], RAY_API_SERVER_ADDRESS=stack["address"])
+    status = run_maskmix(["jobs", "status", job_id], stack["root"], env)
     assert status.returncode == 0 and f"{job_id}: SUCCEEDED" in status.stdout
-    listed = _maskmix(["jobs", "list"], stack["root"], env)
+    listed = run_maskmix(["jobs", "list"], stack["root"], env)
     row = next(line for line in listed.stdout.splitlines() if line.startswith(job_id))
     assert row.split()[1:3] == ["SUCCEEDED", "pipeline"]
-    logs = _maskmix(["jobs", "logs", job_id], stack["root"], env)
+    logs = run_maskmix(["jobs", "logs", job_id], stack["root"], env)
     assert "manifest:" in logs.stdout  # the pipeline command's own last lines, from the cluster
 
 
 def test_submission_without_the_token_is_refused_with_a_clear_message(stack, pipeline_job, tmp_path):
     config = pipeline_job["config"]
-    missing = _maskmix(["submit", "pipeline", config, "--address", stack["address"]], tmp_path,
-                       _env(home=tmp_path))
+    missing = run_maskmix(["submit", "pipeline", config, "--address", stack["address"]], tmp_path,
+                       maskmix_env(home=tmp_path))
     assert missing.returncode == 2
     assert "requires an auth token and none was found" in missing.stderr
     assert "RAY_AUTH_TOKEN" in missing.stderr and "Traceback" not in missing.stderr
 
-    wrong = _maskmix(["jobs", "list", "--address", stack["address"]], tmp_path,
-                     _env(home=tmp_path, RAY_AUTH_TOKEN="not-the-token-0123456789"))
+    wrong = run_maskmix(["jobs", "list", "--address", stack["address"]], tmp_path,
+                     maskmix_env(home=tmp_path, RAY_AUTH_TOKEN="not-the-token-0123456789"))
     assert wrong.returncode == 2
     assert "refused the token from RAY_AUTH_TOKEN" in wrong.stderr
     assert "not-the-token" not in wrong.stderr  # the message names the source, never the value
@@ -166,11 +117,11 @@ def test_submission_without_the_token_is_refused_with_a_clear_message(stack, pip
 def test_a_bad_config_fails_before_anything_is_submitted(stack, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  manifest: m.json\n  output_dir: out\n  lr_rate: 0.1\n")
-    out = _maskmix(["submit", "train", bad, "--address", stack["address"]], tmp_path,
-                   _env(stack["token_path"], tmp_path))
+    out = run_maskmix(["submit", "train", bad, "--address", stack["address"]], tmp_path,
+                   maskmix_env(stack["token_path"], tmp_path))
     assert out.returncode == 2 and "train.lr_rate: unknown key" in out.stderr
-    env = _env(stack["token_path"], tmp_path, RAY_API_SERVER_ADDRESS=stack["address"])
-    assert "-bad-" not in _maskmix(["jobs", "list"], tmp_path, env).stdout
+    env = maskmix_env(stack["token_path"], tmp_path, RAY_API_SERVER_ADDRESS=stack["address"])
+    assert "-bad-" not in run_maskmix(["jobs", "list"], tmp_path, env).stdout
 
 
 def test_training_job_logs_to_the_mlflow_server_with_artifacts_on_s3(stack, pipeline_job):
@@ -178,8 +129,8 @@ def test_training_job_logs_to_the_mlflow_server_with_artifacts_on_s3(stack, pipe
     experiment = f"service-train-{uuid.uuid4().hex[:6]}"
     out = stack["root"] / "train-out"
     config = _train_config(stack, pipeline_job["out"] / "manifest.json", out, steps=4, experiment=experiment)
-    result = _maskmix(["submit", "train", config, "--address", stack["address"], "--wait"], stack["root"],
-                      _env(stack["token_path"], stack["home"]))
+    result = run_maskmix(["submit", "train", config, "--address", stack["address"], "--wait"], stack["root"],
+                      maskmix_env(stack["token_path"], stack["home"]))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     client = MlflowClient(tracking_uri=stack["mlflow"])
@@ -204,17 +155,17 @@ def test_jobs_stop_stops_a_running_job(stack, pipeline_job):
     out = stack["root"] / "long-train"
     config = _train_config(stack, pipeline_job["out"] / "manifest.json", out, steps=100_000,
                            experiment="service-stop")
-    env = _env(stack["token_path"], stack["home"], RAY_API_SERVER_ADDRESS=stack["address"])
-    submitted = _maskmix(["submit", "train", config, "--job-id", f"maskmix-stop-{uuid.uuid4().hex[:6]}"],
+    env = maskmix_env(stack["token_path"], stack["home"], RAY_API_SERVER_ADDRESS=stack["address"])
+    submitted = run_maskmix(["submit", "train", config, "--job-id", f"maskmix-stop-{uuid.uuid4().hex[:6]}"],
                          stack["root"], env)
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.split()[1]
     deadline = time.monotonic() + 300
-    while "RUNNING" not in (status := _maskmix(["jobs", "status", job_id], stack["root"], env)).stdout:
+    while "RUNNING" not in (status := run_maskmix(["jobs", "status", job_id], stack["root"], env)).stdout:
         assert "SUCCEEDED" not in status.stdout and "FAILED" not in status.stdout, status.stdout
         assert time.monotonic() < deadline, status.stdout
         time.sleep(1)
-    stopped = _maskmix(["jobs", "stop", job_id], stack["root"], env)
+    stopped = run_maskmix(["jobs", "stop", job_id], stack["root"], env)
     assert stopped.returncode == 0, stopped.stderr
     assert f"{job_id}: STOPPED" in stopped.stdout
-    assert f"{job_id}: STOPPED" in _maskmix(["jobs", "status", job_id], stack["root"], env).stdout
+    assert f"{job_id}: STOPPED" in run_maskmix(["jobs", "status", job_id], stack["root"], env).stdout
