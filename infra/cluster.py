@@ -40,13 +40,20 @@ def ensure_ray(cfg: RayConfig | None = None) -> dict:
     return resources
 
 
+SMALL_CLUSTER_CPUS = 64
+
+
 def _configure_ray_data(cfg: RayConfig, cpus: int, embedded: bool) -> None:
     ctx = ray.data.DataContext.get_current()
-    # Ray Data sizes shuffles for clusters (200 partitions, one actor each); on a laptop or a CI
-    # runner each partition costs scheduling time, so an embedded run scales them to its CPUs.
-    partitions = cfg.shuffle_partitions or (max(2, 2 * cpus) if embedded else None)
-    if embedded:
-        # Task-based sort shuffle: no aggregator actors to start, which dominates small jobs.
+    small = embedded or cpus <= SMALL_CLUSTER_CPUS
+    # Ray Data sizes shuffles for big clusters (200 partitions, one aggregator actor each); on a
+    # laptop, a CI runner or a small shared cluster each partition costs scheduling time, so the
+    # partitions follow the CPUs there.
+    partitions = cfg.shuffle_partitions or (max(2, 2 * cpus) if small else None)
+    if cfg.shuffle == "sort" or (cfg.shuffle == "auto" and small):
+        # Task-based sort shuffle: no aggregator actors. Starting them dominates small jobs, and on a
+        # small cluster shared by several jobs (10 pipelines on a 4-CPU head, tests/reliability/
+        # test_load.py) each job's actors held CPUs the others' tasks were waiting for.
         ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     if partitions:
         ctx.default_hash_shuffle_parallelism = partitions

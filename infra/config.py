@@ -38,7 +38,12 @@ class RayConfig(_Section):
     address: str | None = Field(None, description="Ray cluster address; None starts Ray in-process")
     num_cpus: int | None = Field(None, gt=0, description="CPUs for embedded Ray (default: all)")
     object_store_memory: int | None = Field(512 * 1024**2, gt=0, description="bytes, embedded Ray only")
-    shuffle_partitions: int | None = Field(None, gt=0, description="groupby/sort partitions (default: 2 x CPUs embedded)")
+    shuffle_partitions: int | None = Field(
+        None, gt=0, description="groupby/sort partitions (default: 2 x CPUs, on a cluster of up to 64 CPUs too)")
+    shuffle: Literal["auto", "sort", "hash"] = Field(
+        "auto", description="Ray Data shuffle: sort (tasks only) or hash (aggregator actors, Ray's default); auto: "
+        "sort embedded and on clusters of up to 64 CPUs, where jobs sharing the cluster would otherwise each hold "
+        "aggregator actors and starve the others' tasks, hash above")
 
 
 class TrackingConfig(_Section):

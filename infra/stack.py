@@ -21,6 +21,7 @@ the ``storage:`` config / AWS_* environment).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -262,23 +263,36 @@ class Stack:
 
     @staticmethod
     def _stop(services: dict[str, Service], grace_s: float = 20.0) -> dict[str, str]:
-        """Stop each service's process group: SIGTERM, then SIGKILL what is left after ``grace_s``."""
+        """Stop each service and everything it started: SIGTERM, then SIGKILL what is left after ``grace_s``.
+
+        "Everything it started" is the service's process group AND its descendants: Ray runs a
+        job's driver in a session of its own, so the group alone would leave running jobs behind
+        as orphans of a dead head.
+        """
         result = {}
-        groups = {}
+        owned: dict[str, tuple[int, list[psutil.Process]]] = {}
         for name, svc in services.items():
             proc = svc.process()
             if proc is None:
                 result[name] = "not running"
                 continue
-            groups[name] = os.getpgid(svc.pid)
-            os.killpg(groups[name], signal.SIGTERM)
+            pgid = os.getpgid(svc.pid)
+            owned[name] = (pgid, [proc, *_descendants(proc)])
+            os.killpg(pgid, signal.SIGTERM)
+            for p in owned[name][1]:
+                with contextlib.suppress(psutil.Error):
+                    p.terminate()
         deadline = time.monotonic() + grace_s
-        for name, pgid in groups.items():
-            while _group_alive(pgid) and time.monotonic() < deadline:
+        for name, (pgid, procs) in owned.items():
+            while _alive(pgid, procs) and time.monotonic() < deadline:
                 time.sleep(0.2)
-            if _group_alive(pgid):
-                os.killpg(pgid, signal.SIGKILL)
-                while _group_alive(pgid):
+            if _alive(pgid, procs):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pgid, signal.SIGKILL)
+                for p in procs:
+                    with contextlib.suppress(psutil.Error):
+                        p.kill()
+                while _alive(pgid, procs):
                     time.sleep(0.1)
                 result[name] = "killed"
             else:
@@ -286,8 +300,19 @@ class Stack:
         return result
 
 
-def _group_alive(pgid: int) -> bool:
-    """Any live (non-zombie) process left in the group."""
+def _descendants(proc: psutil.Process) -> list[psutil.Process]:
+    try:
+        return proc.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _alive(pgid: int, procs: list[psutil.Process]) -> bool:
+    """Any live (non-zombie) process left in the group or among the recorded processes."""
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                return True
     for proc in psutil.process_iter(["pid", "status"]):
         try:
             if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:

@@ -61,9 +61,12 @@ def local_stack(root: Path, up_args=()):
     finally:
         pids = [s["pid"] for s in json.loads(state.read_text())["services"].values()] if state.exists() else []
         groups = {g for g in map(_pgid, pids) if g is not None}
+        tree = [c for p in pids if psutil.pid_exists(p) for c in psutil.Process(p).children(recursive=True)]
         down = run_maskmix(["stack", "down", "--dir", stack_dir], root, maskmix_env(home=home))
         assert down.returncode == 0, down.stdout + down.stderr
-        # Exactly what it started is gone: every process of every group it recorded.
+        # Exactly what it started is gone: every process of every group it recorded, and every
+        # descendant (a job's driver runs in a session of its own).
         left = [p.pid for p in psutil.process_iter() if _pgid(p.pid) in groups and p.status() != psutil.STATUS_ZOMBIE]
+        left += [p.pid for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         assert left == [], f"processes left by the stack: {left}"
         assert not state.exists()

@@ -165,6 +165,13 @@ def test_jobs_stop_stops_a_running_job(stack, pipeline_job):
         assert "SUCCEEDED" not in status.stdout and "FAILED" not in status.stdout, status.stdout
         assert time.monotonic() < deadline, status.stdout
         time.sleep(1)
+    # A second job is left running on purpose: `stack down` (this module's teardown) must stop its
+    # driver too, though Ray runs it in a session of its own (stack_fixtures checks every descendant).
+    left_config = _train_config(stack, pipeline_job["out"] / "manifest.json", stack["root"] / "left-train",
+                                steps=100_000, experiment="service-stop")
+    left = run_maskmix(["submit", "train", left_config, "--job-id", f"maskmix-left-{uuid.uuid4().hex[:6]}"],
+                       stack["root"], env)
+    assert left.returncode == 0, left.stderr
     stopped = run_maskmix(["jobs", "stop", job_id], stack["root"], env)
     assert stopped.returncode == 0, stopped.stderr
     assert f"{job_id}: STOPPED" in stopped.stdout
