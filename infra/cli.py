@@ -313,7 +313,7 @@ def dedup_index_info(uri: str = typer.Argument(..., help="a near-dedup index (lo
 # --------------------------------------------------------------------------- cluster jobs and the local stack
 
 jobs_app = typer.Typer(help="Jobs submitted with `maskmix submit` (Ray Jobs API).", no_args_is_help=True)
-stack_app = typer.Typer(help="A local stack: Ray head (token auth) + MLflow server, on loopback.",
+stack_app = typer.Typer(help="A local stack: Ray head (token auth) + MLflow server + dashboard, on loopback.",
                         no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(stack_app, name="stack")
@@ -445,7 +445,7 @@ def stack_up(directory: Path = StackDirOpt,
              config: Optional[Path] = typer.Option(None, "--config", help="YAML whose storage: section (S3 endpoint "
                                                    "and credentials) the MLflow server uses for s3:// artifacts."),
              set_: Optional[list[str]] = SetOpt):
-    """Start a Ray head and an MLflow server; print what to export to use them."""
+    """Start a Ray head, an MLflow server and the dashboard; print what to export to use them."""
     from infra.config import load_config
     from infra.stack import Stack
 

@@ -1,4 +1,5 @@
-"""A local stack on one machine: a Ray head (Jobs API, token auth on) and an MLflow tracking server.
+"""A local stack on one machine: a Ray head (Jobs API, token auth on), an MLflow tracking server and
+the dashboard (dashboards/, reading that server).
 
 ``maskmix stack up`` starts each service as its own process group, bound to loopback unless told
 otherwise, waits until each answers, and writes ``<dir>/stack.json``: every service's pid, its
@@ -153,6 +154,8 @@ class Stack:
             self._save(started, host=host)
             started["mlflow"] = self._start_mlflow(host, artifacts, storage or StorageConfig())
             self._save(started, host=host)
+            started["dashboard"] = self._start_dashboard(host, started["mlflow"].url)
+            self._save(started, host=host)
             for svc in started.values():
                 self._wait_ready(svc, timeout_s)
         except BaseException:
@@ -229,6 +232,14 @@ class Stack:
                "--host", host, "--port", str(port), "--workers", "1"]
         url = f"http://{host}:{port}"
         return self._spawn("mlflow", cmd, env, port, url, ready=url + "/health", artifacts=destination)
+
+    def _start_dashboard(self, host: str, tracking_uri: str) -> Service:
+        from dashboards.serve import command
+
+        port = free_port()
+        argv, env = command(tracking_uri=tracking_uri, host=host, port=port, mlflow_ui_url=tracking_uri)
+        url = f"http://{host}:{port}"
+        return self._spawn("dashboard", argv, env, port, url, ready=url + "/_stcore/health")
 
     def _wait_ready(self, svc: Service, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

@@ -66,7 +66,7 @@ def run_eval_stage(cfg: MaskmixConfig, checkpoint: str | None = None, manifest: 
         from infra.config import EvalConfig
 
         eval_cfg = EvalConfig()
-    checkpoint = checkpoint or eval_cfg.checkpoint or (cfg.train.output_dir if cfg.train else None)
+    checkpoint = checkpoint or eval_cfg.checkpoint or (_train_checkpoint(cfg.train) if cfg.train else None)
     manifest_uri = manifest or eval_cfg.manifest or (cfg.train.manifest if cfg.train else None)
     if not checkpoint or not manifest_uri:
         from infra.errors import ConfigError
@@ -74,14 +74,31 @@ def run_eval_stage(cfg: MaskmixConfig, checkpoint: str | None = None, manifest: 
         raise ConfigError("eval needs a checkpoint and a manifest (eval.checkpoint/eval.manifest or a train: section)")
     storage = Storage(cfg.storage)
     manifest_obj = load_manifest(manifest_uri, storage)
-    with tracking.stage_run("eval", params={"checkpoint": checkpoint, "manifest": manifest_uri,
-                                            **eval_cfg.model_dump(mode="json")}), \
+    # The resolved checkpoint and manifest last: eval_cfg's own (often None) must not mask what was evaluated.
+    with tracking.stage_run("eval", params={**eval_cfg.model_dump(mode="json"), "checkpoint": checkpoint,
+                                            "manifest": manifest_uri}), \
             tempfile.TemporaryDirectory(prefix="maskmix-eval-") as scratch:
         model, args = load_model(_local_checkpoint(checkpoint, storage, scratch))
         results = evaluate(model, manifest_obj, _parent(manifest_uri), eval_cfg, seq_len=args.max_seq_len,
                            storage=storage)
         log_eval(results)
     return results
+
+
+def _train_checkpoint(train_cfg) -> str:
+    """train.output_dir, or its checkpoint_uri mirror when that folder holds no checkpoint here.
+
+    output_dir is local scratch: on another machine (or once it is cleaned up) the checkpoints
+    live only in the mirror, and `maskmix eval` of the same config must still find them.
+    """
+    import os
+
+    from training.checkpoint import LATEST_FILE, checkpoints_root
+
+    if train_cfg.checkpoint_uri and not os.path.exists(os.path.join(checkpoints_root(train_cfg.output_dir),
+                                                                    LATEST_FILE)):
+        return train_cfg.checkpoint_uri
+    return train_cfg.output_dir
 
 
 def _local_checkpoint(checkpoint: str, storage: Storage, scratch: str) -> str:

@@ -78,7 +78,7 @@ def run_laws(manifest: Manifest, cfg: MixConfig, storage_cfg: StorageConfig | No
              f"budget {budget} tokens, caps {None if caps is None else np.round(caps, 4).tolist()}")
     results = run_sweep(runs, proxy_run_fn(cfg.manifest, proxy, storage_cfg), cfg.sweep.output_dir, ray_cfg,
                         max_parallel=cfg.sweep.max_parallel, cpus_per_run=cfg.sweep.cpus_per_run,
-                        progress=progress)
+                        progress=progress, storage=storage_cfg)  # sweep.output_dir may be s3://
     x, y, _ = results_table(results, domains=domains)
 
     with tracking.stage_run("laws_fit", params={"n_runs": len(x), "budget_tokens": budget}):

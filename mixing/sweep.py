@@ -7,7 +7,8 @@
 Each run is a Ray task calling ``run_fn(weights, run_id) -> dict`` (JSON-able). A run is known by
 its ``run_id``, a hash of its weights, its proxy config and its seed, so the same run is recognized
 across invocations. When it finishes, its result is written to ``<output_dir>/runs/<run_id>.json``
-(temp file + rename, so the file exists only for a finished run); a later invocation skips every
+(temp file + rename locally, one PUT on s3://, so the file exists only for a finished run;
+``output_dir`` may be local or s3://, through infra.storage); a later invocation skips every
 run whose file exists. A crash therefore loses only the runs that were in flight. A run that
 raises is recorded as failed (with its error) and does not stop the others; it has no result
 file, so the next invocation runs it again.
@@ -39,6 +40,7 @@ from infra import tracking
 from infra.cluster import ensure_ray
 from infra.config import RayConfig, StorageConfig
 from infra.errors import MaskmixError
+from infra.storage import Storage, is_s3, join
 
 RunFn = Callable[[dict[str, float], str], dict[str, Any]]
 
@@ -96,10 +98,15 @@ class SweepError(MaskmixError):
 
 
 def result_path(output_dir: str, run_id: str) -> str:
-    return os.path.join(output_dir, "runs", f"{run_id}.json")
+    return join(output_dir, "runs", f"{run_id}.json")
 
 
-def _write_atomic(path: str, obj: dict) -> None:
+def _write_atomic(path: str, obj: dict, storage: Storage | None = None) -> None:
+    if is_s3(path):
+        # The resume state on S3 (mix.sweep.output_dir: s3://...): os.* would create a local
+        # "s3:" folder. One PUT is atomic: the object exists only once the run has finished.
+        (storage or Storage()).write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+        return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
     try:
@@ -201,8 +208,13 @@ def _from_record(record: dict, resumed: bool = False) -> SweepResult:
                        wall_s=float(record.get("wall_s", 0.0)), mlflow_run_id=record.get("mlflow_run_id"))
 
 
-def load_finished(output_dir: str, run_id: str) -> SweepResult | None:
+def load_finished(output_dir: str, run_id: str, storage: Storage | None = None) -> SweepResult | None:
     path = result_path(output_dir, run_id)
+    if is_s3(path):
+        try:
+            return _from_record(json.loads((storage or Storage()).read_bytes(path)), resumed=True)
+        except FileNotFoundError:
+            return None
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -211,22 +223,24 @@ def load_finished(output_dir: str, run_id: str) -> SweepResult | None:
 
 def run_sweep(runs: list[SweepRun], run_fn: RunFn, output_dir: str, ray_cfg: RayConfig | None = None,
               max_parallel: int | None = None, cpus_per_run: float = 1, progress: Callable[[str], None] | None = print,
-              raise_on_failure: bool = True) -> list[SweepResult]:
+              raise_on_failure: bool = True, storage: StorageConfig | None = None) -> list[SweepResult]:
     """Run every run not finished yet as a Ray task; return a SweepResult per run, in input order.
 
-    ``output_dir`` is a local (or shared) folder: ``runs/<run_id>.json`` per finished run is the
-    resume state. Runs with the same id execute once. With failures, raises SweepError (holding
-    all results) unless ``raise_on_failure`` is False.
+    ``output_dir`` is a local (or shared) folder or an s3:// URI (reached with ``storage``):
+    ``runs/<run_id>.json`` per finished run is the resume state. Runs with the same id execute
+    once. With failures, raises SweepError (holding all results) unless ``raise_on_failure`` is False.
     """
     say = progress or (lambda _msg: None)
-    os.makedirs(os.path.join(output_dir, "runs"), exist_ok=True)
+    store = Storage(storage)
+    if not is_s3(output_dir):  # S3 has no folders to create
+        os.makedirs(os.path.join(output_dir, "runs"), exist_ok=True)
     ids = [r.run_id for r in runs]
     by_id: dict[str, SweepResult] = {}
     todo: dict[str, SweepRun] = {}
     for run, run_id in zip(runs, ids):
         if run_id in by_id or run_id in todo:
             continue
-        done = load_finished(output_dir, run_id)
+        done = load_finished(output_dir, run_id, store)
         if done is not None:
             by_id[run_id] = done
             say(f"sweep: run {run_id} already finished, skipped ({result_path(output_dir, run_id)})")
@@ -257,7 +271,7 @@ def run_sweep(runs: list[SweepRun], run_fn: RunFn, output_dir: str, ray_cfg: Ray
                     record = {"run_id": run_id, "weights": dict(run.weights), "status": "failed",
                               "error": f"{type(e).__name__}: {e}"}
                 if record["status"] == "finished":
-                    _write_atomic(result_path(output_dir, run_id), record)
+                    _write_atomic(result_path(output_dir, run_id), record, store)
                 finished += 1
                 result = _from_record(record)
                 by_id[run_id] = result
@@ -275,7 +289,7 @@ def run_sweep(runs: list[SweepRun], run_fn: RunFn, output_dir: str, ray_cfg: Ray
     tracking.log_metrics({"sweep.runs": n_unique, "sweep.failed": len(failed)})
     if failed:
         lines = "\n".join(f"  {r.run_id}: {r.error.splitlines()[0] if r.error else '?'}" for r in failed)
-        message = f"{summary}; re-run to retry them (finished runs are kept in {output_dir}/runs):\n{lines}"
+        message = f"{summary}; re-run to retry them (finished runs are kept in {join(output_dir, 'runs')}):\n{lines}"
         if raise_on_failure:
             raise SweepError(message, results)
     return results

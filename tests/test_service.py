@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
 import boto3
+import psutil
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -37,6 +39,26 @@ def stack(tmp_path_factory, s3_server):
                                                    "access_key_id": "testing", "secret_access_key": "testing"}}))
     with local_stack(root, ["--cpus", 2, "--artifacts", f"s3://{bucket}/mlflow", "--config", storage]) as st:
         yield {**st, "bucket": bucket, "s3": s3}
+
+
+def test_stack_status_reports_every_service_up(stack):
+    status = run_maskmix(["stack", "status", "--dir", stack["dir"]], stack["root"], maskmix_env(home=stack["home"]))
+    assert status.returncode == 0, status.stdout + status.stderr
+    states = {line.split()[0]: line.split()[1] for line in status.stdout.splitlines() if not line.startswith(" ")}
+    assert states == {"ray": "up", "mlflow": "up", "dashboard": "up"}
+    # Every service, and every process it started, listens on loopback only.
+    for svc in stack["services"].values():
+        assert svc["url"].startswith("http://127.0.0.1:")
+    procs = [psutil.Process(s["pid"]) for s in stack["services"].values()]
+    procs += [c for p in procs for c in p.children(recursive=True)]
+    listening = {(p.pid, " ".join(p.cmdline()[:3])[:80], c.laddr.ip, c.laddr.port)
+                 for p in procs if p.is_running() for c in p.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN}
+    assert listening, "no listening sockets found"
+    exposed = {entry for entry in listening if entry[2] not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")}
+    assert not exposed, exposed
+    dashboard = urllib.request.urlopen(stack["services"]["dashboard"]["url"] + "/_stcore/health", timeout=10)
+    assert dashboard.read().decode().strip() == "ok"
 
 
 @pytest.fixture(scope="module")

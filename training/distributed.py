@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -31,12 +32,30 @@ def set_single_process_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
+def use_environment_ninja() -> None:
+    """Put this Python environment's ``bin`` first on PATH when it holds ninja.
+
+    DeepSpeed JIT-builds its ops with whatever ``ninja`` PATH finds. A process started as
+    ``.venv/bin/maskmix`` sees the system ninja (1.11 here), a Ray job or an activated venv sees the
+    venv's (the `ninja` wheel, 1.13); the two hash build commands differently in ``.ninja_log``, so
+    each took the other's build as stale and recompiled the shared op cache (~45 s of CPU, under
+    load minutes, with every other rank waiting on the build lock). One ninja for every process.
+    """
+    bin_dir = os.path.dirname(os.path.abspath(sys.executable))
+    if not os.path.exists(os.path.join(bin_dir, "ninja")):
+        return
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = bin_dir + (os.pathsep + path if path else "")
+
+
 def ensure_distributed() -> tuple[int, int]:
     """Initialise torch.distributed through DeepSpeed if needed; return (rank, world_size).
 
     gloo on CPU (DeepSpeed's CPU accelerator would pick oneCCL, which is rarely installed),
     the accelerator's own backend (NCCL) on GPUs.
     """
+    use_environment_ninja()
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
