@@ -43,11 +43,14 @@ import threading
 import time
 import traceback
 from collections import deque
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from infra.config import LaunchConfig, RayConfig, StorageConfig, TrainConfig
 from infra.errors import ConfigError, MaskmixError
 from infra.storage import Storage, is_s3
+
+if TYPE_CHECKING:  # imported lazily at run time: `maskmix --help` must not import torch
+    from training.trainer import TrainResult
 
 log = logging.getLogger(__name__)
 
