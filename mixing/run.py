@@ -12,6 +12,7 @@ their work under the "mix" run: DoReMi a "doremi" run with its rounds, mixing la
 from __future__ import annotations
 
 import json
+import math
 import os
 import posixpath
 from typing import Callable
@@ -53,6 +54,26 @@ def _params(cfg: MixConfig, method: str) -> dict:
     return params
 
 
+def check_weights(given: dict[str, float] | None, key: str, manifest) -> None:
+    """A mixture given in the config must be a distribution over the manifest's domains.
+
+    Checked before the "mix" run opens: a misspelled domain or weights that do not sum to 1 used to
+    surface minutes later, as a ValueError traceback from inside the proxy runs, with a FAILED run.
+    """
+    if not isinstance(given, dict):
+        return  # "natural" / "uniform" / None
+    unknown = sorted(set(given) - set(manifest.domain_names()))
+    if unknown:
+        raise ConfigError(f"{key} names domains that are not in the manifest: {unknown} "
+                          f"(its domains: {sorted(manifest.domain_names())})")
+    bad = {d: w for d, w in given.items() if not (math.isfinite(w) and w >= 0)}
+    if bad:
+        raise ConfigError(f"{key}: weights must be finite and >= 0, got {bad}")
+    total = sum(given.values())
+    if abs(total - 1.0) > 1e-6:
+        raise ConfigError(f"{key}: weights must sum to 1, they sum to {total:.6g}")
+
+
 def run_mix(cfg: MixConfig, storage_cfg: StorageConfig | None = None, ray_cfg: RayConfig | None = None,
             method: str = "baseline", progress: Callable[[str], None] | None = print) -> Mixture:
     """Compute a mixture with ``method`` (baseline: ``cfg.method``), write it, log it as a "mix" run."""
@@ -61,6 +82,10 @@ def run_mix(cfg: MixConfig, storage_cfg: StorageConfig | None = None, ray_cfg: R
     say = progress or (lambda _msg: None)
     storage = Storage(storage_cfg)
     manifest = load_manifest(cfg.manifest, storage)
+    if method == "doremi":
+        check_weights(cfg.doremi.reference_weights, "mix.doremi.reference_weights", manifest)
+    elif method == "laws":
+        check_weights(cfg.laws.target_weights, "mix.laws.target_weights", manifest)
     export = None
     with tracking.stage_run("mix", params=_params(cfg, method), tags={"maskmix.mix_method": method}):
         run_id = tracking.active_run_id()

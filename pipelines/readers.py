@@ -12,9 +12,11 @@ them in ``state.json`` (one folder per split under ``dataset_dict.json``), with 
 ``load_from_disk`` would give, in the same order, batch by batch, from S3 as well (``load_from_disk``
 memory-maps local files and would have to copy an S3 folder to disk first).
 
-A record that cannot become a Document (not JSON, invalid UTF-8, no text, wrong types, over
-``max_doc_bytes``) and a file that cannot be read (missing, permission, corrupt compressed stream or
-Parquet footer) do not stop the job: each becomes a row with a ``reason``, its source location and its
+A record that cannot become a Document (not JSON, invalid UTF-8 or a lone surrogate, no text, wrong
+types -- an id that is not a string/integer is ``invalid_id`` --, nested too deep to parse (``too_deep``),
+a domain that is not a plain folder name (``invalid_domain``), over ``max_doc_bytes``) and a file that
+cannot be read (missing, permission, corrupt, truncated or zero-byte compressed stream, broken Parquet
+footer) do not stop the job: each becomes a row with a ``reason``, its source location and its
 truncated ``raw`` text, and the pipeline writes it to quarantine. Every row, good or bad, has the same
 columns, so one Dataset carries both until they are split.
 
@@ -30,6 +32,7 @@ import gzip
 import hashlib
 import json
 import posixpath
+import re
 from typing import Any, Iterator
 
 import pyarrow as pa
@@ -52,6 +55,20 @@ ROW_COLUMNS = ("id", "domain", "text", "source", "meta", "reason", "raw")
 
 _RAW_BYTES = QUARANTINE_RAW_CHARS * 4  # enough bytes for QUARANTINE_RAW_CHARS characters
 _CHUNK = 1 << 20
+# A lone surrogate (JSON "\ud800") decodes to a Python str that UTF-8 (hence Arrow) cannot encode: one
+# such record in a block used to fail the whole Ray read task (UnicodeEncodeError), i.e. the job.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# A domain becomes a folder (shards/<domain>/): it must be one plain path segment, or a record with
+# domain "../../x" would write its shards outside output_dir.
+_UNSAFE_DOMAIN = re.compile(r"[/\\\x00-\x1f\x7f]|^\.{1,2}$")
+
+
+def domain_problem(domain: str) -> str | None:
+    """Why ``domain`` cannot name a shard folder, or None (it is one plain path segment)."""
+    if _UNSAFE_DOMAIN.search(domain) or _SURROGATE.search(domain):
+        return (f"domain {domain!r} is not a plain folder name (no '/', '\\', control characters, "
+                "'.' or '..'): it names the shard folder shards/<domain>/")
+    return None
 
 
 # --------------------------------------------------------------------------- listing
@@ -133,8 +150,11 @@ def _bad(source: str, reason: str, raw: Any) -> dict:
         raw = raw[:_RAW_BYTES].decode("utf-8", errors="replace")
     elif not isinstance(raw, str):
         raw = repr(raw)
+    raw = raw[:QUARANTINE_RAW_CHARS]
+    if _SURROGATE.search(raw):  # kept readable, and encodable (see _SURROGATE)
+        raw = raw.encode("utf-8", errors="backslashreplace").decode("utf-8")
     return {"id": None, "domain": None, "text": None, "source": source, "meta": None,
-            "reason": reason, "raw": raw[:QUARANTINE_RAW_CHARS]}
+            "reason": reason, "raw": raw}
 
 
 def _error(e: BaseException) -> str:
@@ -159,6 +179,8 @@ def _text_problem(text: Any, spec: InputSpec) -> str | None:
         return "empty_text"
     if "\x00" in text:
         return "nul_byte"
+    if _SURROGATE.search(text):
+        return "invalid_utf8"
     return None
 
 
@@ -179,14 +201,22 @@ def record_to_row(record: Any, source: str, spec: InputSpec) -> dict:
         except UnicodeDecodeError:
             return _bad(source, "invalid_utf8", text)
     problem = _text_problem(text, spec)
-    if problem == "too_large" or problem == "nul_byte":
+    if problem in ("too_large", "nul_byte", "invalid_utf8"):
         return _bad(source, problem, text)
     if problem:
         return _bad(source, problem, _dump(record))
     domain = spec.domain or record.get(spec.domain_field)
     if not isinstance(domain, str) or not domain:
         return _bad(source, "missing_domain", _dump(record))
+    if domain_problem(domain):
+        return _bad(source, "invalid_domain", _dump(record))
     raw_id = record.get(spec.id_field)
+    # An id of the wrong type (object, list, bool, float) or not encodable is a broken record, not a
+    # missing id: deriving one silently would hide the breakage (and "True"/"1.0" would collide).
+    if raw_id is not None and raw_id != "" and (
+            isinstance(raw_id, bool) or not isinstance(raw_id, (str, int))
+            or (isinstance(raw_id, str) and _SURROGATE.search(raw_id))):
+        return _bad(source, "invalid_id", _dump(record))
     doc_id = str(raw_id) if isinstance(raw_id, (str, int)) and str(raw_id) else stable_id(source)
     known = {spec.text_field, spec.domain_field, spec.id_field}
     extra = {k: v for k, v in record.items() if k not in known}
@@ -198,12 +228,74 @@ def record_to_row(record: Any, source: str, spec: InputSpec) -> dict:
 # --------------------------------------------------------------------------- JSONL
 
 
+class _NotEmpty:
+    """A raw stream that raises EOFError when it has no bytes at all: a zero-byte .gz is not a gzip file
+    (even an empty one has a header), it is one cut at 0 -- quarantined, not read as "no records"."""
+
+    def __init__(self, raw):
+        self.raw, self.seen = raw, False
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        if not self.seen and not data:
+            raise EOFError("empty compressed file (no header): truncated at 0 bytes")
+        self.seen = True
+        return data
+
+
+class _ZstdFrames:
+    """The decompressed bytes of a (multi-frame) zstd stream; raises EOFError when it ends inside a frame.
+
+    ``ZstdDecompressor().stream_reader`` returns b"" at the end of a truncated file as if it were
+    complete, so a .zst cut short lost its last block's records without a trace. Here each frame is
+    a ``decompressobj`` whose ``eof`` says whether it finished. Input is fed in small pieces so one
+    call's output stays bounded (a block of a few bytes can expand to 128 KiB).
+    """
+
+    _PIECE = 4096
+
+    def __init__(self, raw):
+        self.raw, self.dctx = raw, zstandard.ZstdDecompressor()
+        self.frame = None
+        self.buf, self.pos, self.seen = b"", 0, False
+
+    def read1(self, n: int = -1) -> bytes:
+        while True:
+            if self.pos >= len(self.buf):
+                self.buf, self.pos = self.raw.read(_CHUNK), 0
+                if not self.buf:
+                    if not self.seen:
+                        raise EOFError("empty zstd file (no frame header): truncated at 0 bytes")
+                    if self.frame is not None:
+                        raise EOFError("zstd stream ends inside a frame: the file is truncated")
+                    return b""
+                self.seen = True
+            if self.frame is None:
+                self.frame = self.dctx.decompressobj()
+            piece = self.buf[self.pos:self.pos + self._PIECE]
+            self.pos += len(piece)
+            out = self.frame.decompress(piece)
+            if self.frame.eof:  # the frame is complete; what follows it starts the next frame
+                self.pos -= len(self.frame.unused_data)
+                self.frame = None
+            if out:
+                return out
+
+    read = read1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
 def _decompressed(raw, uri: str):
     """A context manager giving the decompressed bytes of ``raw`` (by the suffix of ``uri``)."""
     if uri.endswith(".gz"):
-        return gzip.GzipFile(fileobj=raw)
+        return gzip.GzipFile(fileobj=_NotEmpty(raw))
     if uri.endswith(".zst"):
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False)
+        return _ZstdFrames(raw)
     return contextlib.nullcontext(raw)
 
 
@@ -253,6 +345,8 @@ def iter_jsonl_rows(uri: str, spec: InputSpec, storage: Storage) -> Iterator[dic
                 if too_large:
                     yield _bad(source, "too_large", line)
                     continue
+                if line_no == 1:  # a UTF-8 byte-order mark is an encoding artifact, not part of the record
+                    line = line.removeprefix(b"\xef\xbb\xbf")
                 if not line.strip():
                     continue
                 try:
@@ -262,10 +356,16 @@ def iter_jsonl_rows(uri: str, spec: InputSpec, storage: Storage) -> Iterator[dic
                     continue
                 try:
                     record = json.loads(decoded)
-                except (json.JSONDecodeError, RecursionError):
+                    row = record_to_row(record, source, spec)
+                except RecursionError:  # nested deeper than the interpreter's stack: valid JSON, unreadable
+                    yield _bad(source, "too_deep", decoded)
+                    continue
+                except ValueError:
+                    # JSONDecodeError, and also ValueError for an integer of > 4300 digits: it used to
+                    # escape to the file-level handler and drop every later record of the file.
                     yield _bad(source, "invalid_json", decoded)
                     continue
-                yield record_to_row(record, source, spec)
+                yield row
     except (OSError, EOFError, ValueError, _ZstdError) as e:
         # A truncated or corrupt compressed file: keep what was read, quarantine the rest.
         yield _bad(f"{uri}#L{line_no + 1}", "corrupt_file", _error(e))

@@ -56,7 +56,7 @@ from infra.storage import Storage, is_s3, join
 from pipelines import exact_dedup, near_dedup
 from pipelines.filters import FilterReport, build_chain
 from pipelines.normalize import normalize_batch
-from pipelines.readers import ROW_COLUMNS, input_items, parse_file
+from pipelines.readers import ROW_COLUMNS, domain_problem, input_items, parse_file
 from pipelines.shard import write_domain_shards
 from pipelines.stage_store import STAGES, StageMarker, StageStore, fingerprint, input_listing, resolve_force, \
     spec_digest
@@ -293,7 +293,16 @@ class CorpusPipeline:
 
     def input_items(self) -> list[dict]:
         if self._items is None:
-            items = input_items(self.cfg.inputs, self.storage)
+            for index, spec in enumerate(self.cfg.inputs):
+                # A configured domain names the shard folder of every record of its input: refuse an
+                # unsafe one before any work starts (one clear error, not thousands of quarantined rows).
+                problem = domain_problem(spec.domain) if spec.domain else None
+                if problem:
+                    raise PipelineError(f"pipeline.inputs.{index}.domain: {problem}")
+            try:
+                items = input_items(self.cfg.inputs, self.storage)
+            except FileNotFoundError as e:  # a configured input that is not there: one clear error, exit 2
+                raise PipelineError(f"pipeline.inputs: {e}") from None
             present = {item["input_index"] for item in items}
             for index, spec in enumerate(self.cfg.inputs):
                 if index not in present:

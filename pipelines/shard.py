@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from infra.config import ShardConfig, StorageConfig
 from infra.contracts import SHARD_SCHEMA
 from infra.storage import Storage, join
+from pipelines.readers import domain_problem
 
 SHARD_INFO_COLUMNS = ("domain", "path", "split", "rows", "tokens", "bytes", "text_bytes", "sha256")
 
@@ -47,6 +48,11 @@ def write_domain_shards(group: pa.Table, output_dir: str, cfg: ShardConfig,
     """Ray map_groups function: one domain's tokenized docs -> one row of ShardInfo per file."""
     storage = Storage(storage_cfg)
     domain = group.column("domain")[0].as_py()
+    # The reader quarantines such domains (invalid_domain); this is the last line before a path is
+    # built from one: "shards/../../x" must never be written outside output_dir.
+    problem = domain_problem(domain)
+    if problem:
+        raise ValueError(f"refusing to write shards: {problem}")
     docs = group.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
     train, validation = split_validation(docs, cfg)
     infos = []

@@ -19,9 +19,12 @@ is also DeepSpeed's own convention, so ``engine.load_checkpoint(<checkpoints>)``
 from __future__ import annotations
 
 import base64
+import glob
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 
 import numpy as np
@@ -52,15 +55,66 @@ def write_latest(output_dir: str, tag: str, storage: Storage | None = None) -> N
     (storage or Storage()).write_bytes(os.path.join(checkpoints_root(output_dir), LATEST_FILE), tag.encode())
 
 
-def latest_checkpoint(output_dir: str) -> str | None:
-    """The folder of the newest complete checkpoint under ``output_dir``, or None if there is none."""
+# ``latest`` names one folder next to it. Anything else ("../../elsewhere", "/abs") would make a
+# resume or an eval read a checkpoint from outside the run's checkpoints folder.
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _read_tag(pointer: str) -> str:
+    tag = open(pointer).read().strip()
+    if not _TAG.fullmatch(tag) or tag in (".", ".."):
+        raise ContractError(f"{pointer}: names {tag[:100]!r}, not a checkpoint folder next to it (e.g. step-00000200)")
+    return tag
+
+
+# What DeepSpeed (0.19, ZeRO 0-3, fp32/bf16) pickles into its .pt files beyond what
+# torch.load(weights_only=True) allows by itself. DeepSpeed loads its files with weights_only=False,
+# i.e. a crafted checkpoint would run code on resume; ``check_pickled_files`` refuses any file naming
+# another global before DeepSpeed opens it.
+DEEPSPEED_PICKLED_GLOBALS = frozenset({
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+})
+
+
+def check_pickled_files(folder: str) -> None:
+    """Refuse (ContractError) a checkpoint whose .pt files could run code when unpickled.
+
+    Static: torch's scanner reads each file's pickle opcode by opcode without executing it, fails on
+    any opcode outside its small safe set, and lists the globals it references; every global must be
+    one torch's weights_only loader allows or one of ``DEEPSPEED_PICKLED_GLOBALS``.
+    """
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    for path in sorted(glob.glob(os.path.join(folder, "**", "*.pt"), recursive=True)):
+        try:
+            unsafe = set(get_unsafe_globals_in_checkpoint(path))
+        except Exception as e:  # not a torch.save zip (a raw pickle), or opcodes the scanner refuses
+            raise ContractError(f"{path}: refused to load: not a plain torch.save checkpoint "
+                                f"({type(e).__name__}: {e})") from None
+        unexpected = unsafe - DEEPSPEED_PICKLED_GLOBALS
+        if unexpected:
+            raise ContractError(f"{path}: refused to load: it would import {', '.join(sorted(unexpected))} "
+                                "when unpickled (only tensors and DeepSpeed's own state are allowed)")
+
+
+def latest_checkpoint(output_dir: str, verify: bool = True) -> str | None:
+    """The folder of the newest complete checkpoint under ``output_dir``, or None if there is none.
+
+    ``verify``: also check that its pickled files cannot run code (``check_pickled_files``); this is
+    the folder a resume hands to DeepSpeed's ``load_checkpoint``.
+    """
     pointer = os.path.join(checkpoints_root(output_dir), LATEST_FILE)
     if not os.path.exists(pointer):
         return None
-    tag = open(pointer).read().strip()
+    tag = _read_tag(pointer)
     folder = os.path.join(checkpoints_root(output_dir), tag)
     if not os.path.exists(os.path.join(folder, TRAINER_STATE_FILE)):
         raise ContractError(f"{pointer} names {tag!r} but {folder} has no {TRAINER_STATE_FILE}")
+    if verify:
+        check_pickled_files(folder)
     return folder
 
 
@@ -69,7 +123,7 @@ def resolve_checkpoint_dir(path: str) -> str:
     if os.path.exists(os.path.join(path, MODEL_ARGS_FILE)):
         return path
     if os.path.exists(os.path.join(path, LATEST_FILE)):
-        tag = open(os.path.join(path, LATEST_FILE)).read().strip()
+        tag = _read_tag(os.path.join(path, LATEST_FILE))
         return resolve_checkpoint_dir(os.path.join(path, tag))
     if os.path.exists(os.path.join(path, CHECKPOINTS_DIR, LATEST_FILE)):
         return resolve_checkpoint_dir(os.path.join(path, CHECKPOINTS_DIR))
@@ -95,7 +149,7 @@ def prune_checkpoints(output_dir: str, keep_last: int) -> list[str]:
     resume would use nor one being written right now is ever touched. Incomplete folders older
     than ``latest`` are debris of a crashed save and are deleted as well.
     """
-    latest = latest_checkpoint(output_dir)
+    latest = latest_checkpoint(output_dir, verify=False)  # deletes, never loads
     if latest is None:
         return []
     latest_step = int(os.path.basename(latest)[5:])
@@ -142,7 +196,10 @@ def load_weights(folder: str) -> dict[str, torch.Tensor]:
         return load_file(st)
     pt = os.path.join(folder, TORCH_WEIGHTS_FILE)
     if os.path.exists(pt):
-        return torch.load(pt, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(pt, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:  # e.g. a pickle that would import os.system: refused, and said so
+            raise ContractError(f"{pt}: refused to load: not plain tensors ({str(e).splitlines()[0]})") from None
     raise ContractError(f"{folder}: no {SAFETENSORS_FILE} or {TORCH_WEIGHTS_FILE}")
 
 
