@@ -113,11 +113,27 @@ class _Artifact(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
 
+def _contained_path(path: str) -> str:
+    """A manifest's file path: relative to the manifest folder and inside it, or an s3:// URI.
+
+    An absolute local path or one climbing out with ``..`` would let a crafted manifest point
+    training (and the export, which copies the tokenizer into MLflow) at any file of the machine.
+    """
+    if path.startswith("s3://"):
+        return path
+    parts = path.replace("\\", "/").split("/")
+    if path.startswith("/") or ".." in parts or not path:
+        raise ValueError(f"{path!r} must be relative to the manifest folder and stay inside it (or an s3:// URI)")
+    return path
+
+
 class TokenizerInfo(_Artifact):
-    path: str  # relative to the manifest folder, or an absolute uri
+    path: str  # relative to the manifest folder (inside it), or an s3:// uri
     sha256: str
     vocab_size: int = Field(gt=0)
     special_ids: dict[str, int]  # at least "pad" and "mask"
+
+    _path_inside = field_validator("path")(classmethod(lambda cls, v: _contained_path(v)))
 
     @field_validator("special_ids")
     @classmethod
@@ -129,8 +145,10 @@ class TokenizerInfo(_Artifact):
 
 
 class ShardInfo(_Artifact):
-    path: str  # relative to the manifest folder
+    path: str  # relative to the manifest folder (inside it), or an s3:// uri
     split: Literal["train", "validation"]
+
+    _path_inside = field_validator("path")(classmethod(lambda cls, v: _contained_path(v)))
     rows: int = Field(ge=0)
     tokens: int = Field(ge=0)
     bytes: int = Field(ge=0)  # size of the parquet file

@@ -44,6 +44,7 @@ def run_train_stage(cfg: MaskmixConfig, progress: Callable[[str], None] = print)
     from training.launch import launch
 
     train_cfg = cfg.require("train")
+    _check_train_inputs(train_cfg, Storage(cfg.storage))
     # The trainer logs its own params (config, model size, DeepSpeed config, weights).
     # One writer per output_dir: two runs there would write each other's checkpoints and `latest`.
     tags = {"maskmix.config_hash": config_hash(train_cfg), "maskmix.manifest": train_cfg.manifest,
@@ -54,6 +55,22 @@ def run_train_stage(cfg: MaskmixConfig, progress: Callable[[str], None] = print)
         result = launch(train_cfg, cfg.storage, cfg.ray, progress=progress)
         tracking.set_tags({"maskmix.checkpoint": result.checkpoint_dir})
     return result
+
+
+def _check_train_inputs(train_cfg, storage: Storage) -> None:
+    """The manifest and the mixture load and agree, BEFORE the train run opens: a missing file or
+    a mixture for other domains is one clear error, not a FAILED run in MLflow (the trainer loads
+    them again; they are small JSON files)."""
+    from infra.contracts import load_manifest, load_mixture
+    from infra.errors import ContractError
+
+    manifest = load_manifest(train_cfg.manifest, storage)
+    if train_cfg.mixture:
+        mixture = load_mixture(train_cfg.mixture, storage)
+        unknown = sorted(set(mixture.weights) - set(manifest.domain_names()))
+        if unknown:
+            raise ContractError(f"{train_cfg.mixture}: weights for domains the manifest {train_cfg.manifest} does not "
+                                f"have: {unknown} (it has {manifest.domain_names()})")
 
 
 def run_eval_stage(cfg: MaskmixConfig, checkpoint: str | None = None, manifest: str | None = None):
@@ -74,14 +91,15 @@ def run_eval_stage(cfg: MaskmixConfig, checkpoint: str | None = None, manifest: 
         raise ConfigError("eval needs a checkpoint and a manifest (eval.checkpoint/eval.manifest or a train: section)")
     storage = Storage(cfg.storage)
     manifest_obj = load_manifest(manifest_uri, storage)
-    # The resolved checkpoint and manifest last: eval_cfg's own (often None) must not mask what was evaluated.
-    with tracking.stage_run("eval", params={**eval_cfg.model_dump(mode="json"), "checkpoint": checkpoint,
-                                            "manifest": manifest_uri}), \
-            tempfile.TemporaryDirectory(prefix="maskmix-eval-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="maskmix-eval-") as scratch:
+        # The model loads before the run opens: a missing checkpoint is an error, not a FAILED run.
         model, args = load_model(_local_checkpoint(checkpoint, storage, scratch))
-        results = evaluate(model, manifest_obj, _parent(manifest_uri), eval_cfg, seq_len=args.max_seq_len,
-                           storage=storage)
-        log_eval(results)
+        # The resolved checkpoint and manifest last: eval_cfg's own (often None) must not mask what was evaluated.
+        with tracking.stage_run("eval", params={**eval_cfg.model_dump(mode="json"), "checkpoint": checkpoint,
+                                                "manifest": manifest_uri}):
+            results = evaluate(model, manifest_obj, _parent(manifest_uri), eval_cfg, seq_len=args.max_seq_len,
+                               storage=storage)
+            log_eval(results)
     return results
 
 

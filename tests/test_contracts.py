@@ -370,3 +370,15 @@ def test_trainer_state_written_before_the_guard_and_masked_counter_still_loads()
            "config_hash": "abc", "manifest_sha256": "m", "mixture_sha256": "x"}
     state = parse_artifact(TrainerState, old, "old/trainer_state.json")
     assert state.step == 5 and state.masked_tokens_seen == 0 and state.nonfinite == {}
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "../outside.parquet", "shards/../../x.parquet", ""])
+def test_manifest_paths_stay_inside_the_manifest_folder(path):
+    # A crafted manifest must not point training or the export (which copies the tokenizer into
+    # MLflow) at any file of the machine.
+    with pytest.raises(ValueError, match="relative to the manifest folder"):
+        ShardInfo(path=path, split="train", rows=1, tokens=1, bytes=1, text_bytes=1, sha256="0" * 64)
+    with pytest.raises(ValueError, match="relative to the manifest folder"):
+        TokenizerInfo(path=path, sha256="0" * 64, vocab_size=8, special_ids={"pad": 0, "mask": 1})
+    assert ShardInfo(path="s3://bucket/shards/a.parquet", split="train", rows=1, tokens=1, bytes=1, text_bytes=1,
+                     sha256="0" * 64).path.startswith("s3://")

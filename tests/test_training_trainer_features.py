@@ -232,7 +232,7 @@ def test_mirror_uploads_pointer_last_and_downloads_when_newer(tmp_path, caplog):
     fresh = tmp_path / "fresh"  # a new machine: nothing local
     assert mirror.is_newer_than_local(str(fresh))
     folder = mirror.download_latest(str(fresh))
-    assert ckpt.latest_checkpoint(str(fresh)) == folder
+    assert ckpt.latest_checkpoint(str(fresh), verify=False) == folder  # fake .pt bytes: pointer logic only
     assert open(os.path.join(folder, "zero_pp_rank_0_mp_rank_00_optim_states.pt"), "rb").read() == b"x" * 1000
     assert not [n for n in os.listdir(os.path.join(str(fresh), "checkpoints")) if n.startswith(".download")]
     fake_checkpoint(tmp_path / "ahead", 3)

@@ -46,7 +46,11 @@ def arithmetic_doc(rng: np.random.Generator, alphabet: list[int], stride: int, l
 
 
 def write_shard(path: str, docs: list[list[int]], doc_ids: list[str], bytes_per_token: int = 3) -> ShardInfo:
-    """Write one zstd Parquet shard with SHARD_SCHEMA; returns its ShardInfo (path is absolute here)."""
+    """Write one zstd Parquet shard with SHARD_SCHEMA; returns its ShardInfo.
+
+    Its ``path`` is the file name only: a manifest's paths are relative to the manifest folder
+    (the contract refuses absolute ones), so callers set the path relative to theirs.
+    """
     table = pa.table({
         "doc_id": pa.array(doc_ids, pa.string()),
         "input_ids": pa.array(docs, pa.list_(pa.int32())),
@@ -56,7 +60,7 @@ def write_shard(path: str, docs: list[list[int]], doc_ids: list[str], bytes_per_
     os.makedirs(os.path.dirname(path), exist_ok=True)
     pq.write_table(table, path, compression="zstd")
     data = open(path, "rb").read()
-    return ShardInfo(path=path, split="train", rows=len(docs), tokens=sum(len(d) for d in docs), bytes=len(data),
+    return ShardInfo(path=os.path.basename(path), split="train", rows=len(docs), tokens=sum(len(d) for d in docs), bytes=len(data),
                      text_bytes=bytes_per_token * sum(len(d) for d in docs), sha256=hashlib.sha256(data).hexdigest())
 
 

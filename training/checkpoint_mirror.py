@@ -93,7 +93,7 @@ class CheckpointMirror:
         tag = self.latest_tag()
         if tag is None:
             return False
-        local = ckpt.latest_checkpoint(output_dir)
+        local = ckpt.latest_checkpoint(output_dir, verify=False)  # compares steps, never loads
         return local is None or _step_of(tag) > _step_of(os.path.basename(local))
 
     def latest_tag(self) -> str | None:

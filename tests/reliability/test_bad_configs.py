@@ -134,10 +134,6 @@ CASES = [
 # infra/stages.py opens the "train"/"eval" MLflow run before the manifest, the mixture and the
 # checkpoint are loaded (inside training.launch / training.evaluate), so the error comes after a
 # (FAILED) run was opened.
-OPENS_A_RUN_FIRST = {"train-missing-manifest", "train-mixture-not-one", "train-mixture-unknown-domain",
-                     "eval-missing-checkpoint"}
-
-
 def _mlflow_runs(db: Path) -> int:
     with sqlite3.connect(db) as conn:
         return conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
@@ -195,10 +191,7 @@ def cli(monkeypatch):
 
 @pytest.mark.parametrize("case_id, argv, changes, fragments", CASES, ids=[c[0] for c in CASES])
 def test_bad_config_is_one_clear_error_before_any_work(case_id, argv, changes, fragments, corpus, tmp_path,
-                                                       _mlflow_template_db, cli, request):
-    if case_id in OPENS_A_RUN_FIRST:
-        request.applymarker(pytest.mark.xfail(strict=True, reason="infra/stages.py opens the MLflow run before "
-                                              "loading the stage's artifacts (not a file this suite may change)"))
+                                                       _mlflow_template_db, cli):
     args, db = _prepare(case_id, argv, changes, corpus, tmp_path, _mlflow_template_db)
     result = cli(args)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
