@@ -642,8 +642,19 @@ _ENV_OVERRIDES: list[tuple[tuple[str, ...], tuple[str, str]]] = [
 ]
 
 
+# Set by `maskmix submit` in a job's environment: its config was resolved on the submitting machine
+# (environment and --set already applied), so the cluster's environment may only add what was kept
+# out of it on purpose, the credentials. Otherwise a variable of the head's (MLFLOW_TRACKING_URI,
+# RAY_ADDRESS, an S3 endpoint) would silently override what the user submitted.
+RESOLVED_ENV = "MASKMIX_CONFIG_RESOLVED"
+_CREDENTIAL_KEYS = {"access_key_id", "secret_access_key", "session_token"}
+
+
 def _apply_env(data: dict) -> None:
+    resolved = os.environ.get(RESOLVED_ENV) == "1"
     for names, (section, key) in _ENV_OVERRIDES:
+        if resolved and key not in _CREDENTIAL_KEYS:
+            continue
         for name in names:
             value = os.environ.get(name)
             if value:

@@ -33,7 +33,7 @@ from typing import Iterator
 
 import yaml
 
-from infra.config import MaskmixConfig, load_config
+from infra.config import RESOLVED_ENV, MaskmixConfig, load_config
 from infra.errors import MaskmixError
 
 # stage -> (the config section it needs, the CLI words that run it); mix adds its method.
@@ -301,7 +301,9 @@ def submit(stage: str, config_path: str, address: str, overrides: list[str] | No
     entrypoint = " ".join(["python", "-m", "infra.cli", *words, CONFIG_IN_JOB])
     client = JobsClient(address, token)
     with tempfile.TemporaryDirectory(prefix="maskmix-job-") as staging:
-        runtime_env: dict = {"working_dir": stage_working_dir(data, staging)}
+        runtime_env: dict = {"working_dir": stage_working_dir(data, staging),
+                             # the cluster's environment adds credentials only (infra.config.RESOLVED_ENV)
+                             "env_vars": {RESOLVED_ENV: "1"}}
         if pip:
             runtime_env["pip"] = list(pip)
         # Train workers of a GPU job ask for their GPUs through Ray Train; the driver itself needs

@@ -44,6 +44,8 @@ from infra.config import StorageConfig
 from infra.errors import MaskmixError
 
 DEFAULT_DIR = ".maskmix/stack"
+DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                   "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
 STATE_FILE = "stack.json"
 TOKEN_FILE = "ray_auth_token"
 
@@ -198,7 +200,11 @@ class Stack:
         env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0",
                    # jobs run `python -m infra.cli ...`: this environment's python, with maskmix's deps
                    PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
-        env.pop("RAY_ADDRESS", None)
+        # A launcher's world (RANK, MASTER_PORT ...) left in the shell that runs `stack up` would be
+        # inherited by every job's driver: each would join that one world on that one port
+        # (EADDRINUSE as soon as two trainings run). A head carries no world; each job makes its own.
+        for name in ("RAY_ADDRESS", *DISTRIBUTED_ENV):
+            env.pop(name, None)
         if loopback:
             env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         cmd = [_bin("ray"), "start", "--head", "--block", f"--node-ip-address={host}",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -48,7 +49,15 @@ def local_stack(root: Path, up_args=()):
     stack_dir = root / "stack"
     home = root / "home"
     home.mkdir(exist_ok=True)
-    up = run_maskmix(["stack", "up", "--dir", stack_dir, *up_args], root, maskmix_env(home=home))
+    # `stack up` from a shell that still holds a launcher's world, its MASTER_PORT taken: a job that
+    # inherited it would fail with EADDRINUSE (seen in CI, where earlier in-process trainings had set
+    # these in the test process). The head must not pass them on.
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    world = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": str(taken.getsockname()[1])}
+    up = run_maskmix(["stack", "up", "--dir", stack_dir, *up_args], root, maskmix_env(home=home, **world))
     state = stack_dir / "stack.json"
     try:
         assert up.returncode == 0, up.stdout + up.stderr
@@ -70,3 +79,4 @@ def local_stack(root: Path, up_args=()):
         left += [p.pid for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         assert left == [], f"processes left by the stack: {left}"
         assert not state.exists()
+        taken.close()

@@ -95,3 +95,20 @@ def test_bad_submissions_fail_before_contacting_any_cluster(tmp_path):
     with pytest.raises(JobError, match="cannot reach the Ray Jobs API at http://127.0.0.1:9"):
         submit("train", str(path), address)
     assert os.path.exists(path)
+
+
+def test_a_submitted_config_takes_only_credentials_from_the_cluster_environment(tmp_path, monkeypatch):
+    path = _config(tmp_path, yaml.safe_dump(job_config(load_config(_config(tmp_path, """
+tracking: {uri: "http://mlflow.submitted:5000"}
+storage: {endpoint_url: "http://s3.submitted:9000"}
+train: {manifest: m.json, output_dir: out}
+"""), use_env=False), "/w")))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.of-the-head:5000")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://s3.of-the-head:9000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "cluster-secret")
+    assert load_config(path).tracking.uri == "http://mlflow.of-the-head:5000"  # a plain run: env wins
+    monkeypatch.setenv("MASKMIX_CONFIG_RESOLVED", "1")  # what `maskmix submit` sets for the job
+    cfg = load_config(path)
+    assert cfg.tracking.uri == "http://mlflow.submitted:5000"
+    assert cfg.storage.endpoint_url == "http://s3.submitted:9000"
+    assert cfg.storage.secret_access_key.get_secret_value() == "cluster-secret"
