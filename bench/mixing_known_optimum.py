@@ -130,6 +130,10 @@ def _setup_worker(root: str) -> None:
     # DoReMi opens MLflow runs; keep them in the temp dir (a file store: no sqlite start-up cost).
     os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
     os.environ["MLFLOW_TRACKING_URI"] = "file://" + os.path.join(root, "mlruns")
+    # An experiment chosen in the caller's environment belongs to the caller's store, not to this
+    # fresh one (MLflow would refuse the id: "does not exist in the tracking server").
+    for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        os.environ.pop(name, None)
 
 
 def _cache_path(cache: str | None, corpus_key: dict, weights: dict[str, float], cfg_dict: dict) -> str | None:
