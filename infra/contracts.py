@@ -109,6 +109,18 @@ def check_table_schema(table: pa.Table, schema: pa.Schema, what: str) -> None:
 # --------------------------------------------------------------------------- JSON artifacts
 
 
+def distribution_problem(weights: dict[str, float]) -> str | None:
+    """Why ``weights`` are not a distribution over domains (None when they are): every weight
+    finite and >= 0, the sum 1 within 1e-6. Shared by Mixture and the configs that take weights."""
+    bad = {d: w for d, w in weights.items() if not (math.isfinite(w) and w >= 0)}
+    if bad:
+        return f"weights must be finite and >= 0, got {bad}"
+    total = sum(weights.values())
+    if abs(total - 1.0) > 1e-6:
+        return f"weights must sum to 1, they sum to {total:.8f}"
+    return None
+
+
 class _Artifact(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
@@ -221,12 +233,9 @@ class Mixture(_Artifact):
             return v
         if not v:
             raise ValueError("weights must name at least one domain")
-        bad = {d: w for d, w in v.items() if not (math.isfinite(w) and w >= 0)}
-        if bad:
-            raise ValueError(f"weights must be finite and >= 0, got {bad}")
-        total = sum(v.values())
-        if abs(total - 1.0) > 1e-6:
-            raise ValueError(f"weights must sum to 1, they sum to {total:.8f}")
+        problem = distribution_problem(v)
+        if problem:
+            raise ValueError(problem)
         return v
 
     @model_validator(mode="after")

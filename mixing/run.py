@@ -12,14 +12,13 @@ their work under the "mix" run: DoReMi a "doremi" run with its rounds, mixing la
 from __future__ import annotations
 
 import json
-import math
 import os
 import posixpath
 from typing import Callable
 
 from infra import tracking
 from infra.config import MixConfig, RayConfig, StorageConfig
-from infra.contracts import Mixture, load_manifest, write_artifact
+from infra.contracts import Mixture, distribution_problem, load_manifest, write_artifact
 from infra.errors import ConfigError
 from infra.storage import Storage
 
@@ -66,12 +65,9 @@ def check_weights(given: dict[str, float] | None, key: str, manifest) -> None:
     if unknown:
         raise ConfigError(f"{key} names domains that are not in the manifest: {unknown} "
                           f"(its domains: {sorted(manifest.domain_names())})")
-    bad = {d: w for d, w in given.items() if not (math.isfinite(w) and w >= 0)}
-    if bad:
-        raise ConfigError(f"{key}: weights must be finite and >= 0, got {bad}")
-    total = sum(given.values())
-    if abs(total - 1.0) > 1e-6:
-        raise ConfigError(f"{key}: weights must sum to 1, they sum to {total:.6g}")
+    problem = distribution_problem(given)
+    if problem:
+        raise ConfigError(f"{key}: {problem}")
 
 
 def run_mix(cfg: MixConfig, storage_cfg: StorageConfig | None = None, ray_cfg: RayConfig | None = None,
