@@ -16,6 +16,8 @@ import logging
 import os
 import re
 import tempfile
+import threading
+import time
 from typing import Any, Iterator
 
 import mlflow
@@ -106,11 +108,19 @@ def stage_run(stage: str, params: dict | None = None, tags: dict | None = None,
     """
     parent = mlflow.active_run()
     all_tags = {"maskmix.stage": stage, **(tags or {})}
-    with mlflow.start_run(run_name=run_name or stage, nested=parent is not None, tags=redact(all_tags),
-                          log_system_metrics=system_metrics) as run:
+    run = mlflow.start_run(run_name=run_name or stage, nested=parent is not None, tags=redact(all_tags),
+                           log_system_metrics=system_metrics)
+    status = "FAILED"
+    try:
         if params:
             log_params(params)
         yield run
+        status = "FINISHED"
+    finally:
+        # Not mlflow's own ``with``: its end_run would retry a dead server for minutes and then
+        # raise, turning a finished stage into a crash. Buffered metrics first, then the status.
+        if active_run_id() == run.info.run_id:  # (unless the stage ended it itself)
+            end_run(status)
 
 
 def active_run_id() -> str | None:
@@ -133,9 +143,236 @@ def set_tags(tags: dict) -> None:
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-    if mlflow.active_run() is None:
+    """Log to the active run through its ``MetricSink``: delivered now, or buffered (each value keeps
+    its step and timestamp) while the tracking server is unreachable and delivered once it is back."""
+    run = mlflow.active_run()
+    if run is None:
         return
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+    metric_sink(run.info.run_id).log(metrics, step)
+
+
+# --------------------------------------------------------------------------- metrics through an outage
+
+# One delivery attempt against a dead or hung tracking server costs at most SINK_HTTP_TIMEOUT_S:
+# MLflow's own client retries a failed request 7 times with exponential back-off (minutes, by
+# MLFLOW_HTTP_REQUEST_MAX_RETRIES / _BACKOFF_FACTOR / _TIMEOUT), which would stall every training
+# step of an outage. The sink's requests pass their own limits to MLflow's http_request, so the
+# process-wide MLflow settings (used by artifact uploads, the registry ...) are left alone.
+SINK_HTTP_TIMEOUT_S = 5
+SINK_MAX_RETRIES = 0
+SINK_RETRY_INTERVAL_S = 5.0  # while values wait, a new delivery is tried at most this often (from log())
+FLUSH_WAIT_ENV = "MASKMIX_MLFLOW_FLUSH_WAIT_S"  # how long the end of a run waits for the server (s)
+DEFAULT_FLUSH_WAIT_S = 60.0
+UNDELIVERED_FILE = "mlflow-undelivered-{run_id}.jsonl"
+_LOG_BATCH = "/api/2.0/mlflow/runs/log-batch"
+_UPDATE_RUN = "/api/2.0/mlflow/runs/update"
+
+
+def flush_wait_s() -> float:
+    return float(os.environ.get(FLUSH_WAIT_ENV, DEFAULT_FLUSH_WAIT_S))
+
+
+def _is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def _transient(e: Exception) -> bool:
+    """Worth retrying later: no answer (connection refused, timeout) or a server-side error. A 4xx
+    (an invalid metric, an unknown run) would fail the same way forever and is raised instead."""
+    from mlflow.exceptions import MlflowException
+
+    return not isinstance(e, MlflowException) or e.get_http_status_code() >= 500
+
+
+def _rest_post(tracking_uri: str, endpoint: str, body: dict) -> None:
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+    response = http_request(get_default_host_creds(tracking_uri), endpoint, "POST", max_retries=SINK_MAX_RETRIES,
+                            backoff_factor=0, timeout=SINK_HTTP_TIMEOUT_S, json=body)
+    verify_rest_response(response, endpoint)
+
+
+class MetricSink:
+    """One run's metrics on their way to the tracking server, surviving an outage of the server.
+
+    ``log`` appends the values (each with its step and the time it was logged) and delivers
+    everything pending in one log-batch request per 1000 values. If the server does not answer,
+    the values stay pending, one warning says so, and later ``log`` calls retry (at most every
+    SINK_RETRY_INTERVAL_S, each attempt bounded by SINK_HTTP_TIMEOUT_S), so training goes on.
+    ``flush`` (end of a run) waits for the server up to a deadline; what is still undelivered
+    then is written to a local JSONL file and reported lost in a warning with its count.
+    """
+
+    def __init__(self, run_id: str, tracking_uri: str):
+        self.run_id = run_id
+        self.tracking_uri = tracking_uri
+        self.pending: list = []  # mlflow.entities.Metric
+        self.delivered = 0  # values delivered so far
+        self.lost = 0  # values given up on (written to the undelivered file)
+        self.outages: list[float] = []  # seconds from the first failed delivery to the next good one
+        self._outage_started: float | None = None
+        self._next_try = 0.0
+        self._lock = threading.RLock()
+        self._client = None
+
+    def log(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        with self._lock:
+            self.pending.extend(Metric(k, float(v), now, step or 0) for k, v in metrics.items())
+            if time.monotonic() >= self._next_try:
+                self._deliver()
+
+    def _send(self, metrics: list) -> None:
+        if _is_http(self.tracking_uri):
+            from google.protobuf.json_format import MessageToDict
+            from mlflow.protos.service_pb2 import LogBatch
+
+            # The proto's JSON form, as MLflow's own client sends it (NaN/inf become strings).
+            body = MessageToDict(LogBatch(run_id=self.run_id, metrics=[m.to_proto() for m in metrics]),
+                                 preserving_proto_field_name=True)
+            _rest_post(self.tracking_uri, _LOG_BATCH, body)
+        else:  # a local store (sqlite, files): no network to lose
+            if self._client is None:
+                self._client = mlflow.MlflowClient(self.tracking_uri)
+            self._client.log_batch(self.run_id, metrics=metrics)
+
+    def _deliver(self) -> bool:
+        """Send everything pending; False (values kept) if the server is unreachable."""
+        backlog = len(self.pending)
+        try:
+            while self.pending:
+                chunk = self.pending[:1000]  # MLflow caps a batch at 1000 metrics
+                try:
+                    self._send(chunk)
+                except Exception as e:
+                    if _transient(e):
+                        raise
+                    del self.pending[:len(chunk)]  # would be refused forever
+                    raise
+                del self.pending[:len(chunk)]
+                self.delivered += len(chunk)
+        except Exception as e:
+            if not _transient(e):
+                raise
+            if self._outage_started is None:
+                self._outage_started = time.monotonic()
+                log.warning("MLflow tracking at %s is unreachable (%s): buffering the metrics of run %s and "
+                            "retrying", self.tracking_uri, str(e).splitlines()[0][:300], self.run_id)
+            self._next_try = time.monotonic() + SINK_RETRY_INTERVAL_S
+            return False
+        if self._outage_started is not None:
+            self.outages.append(time.monotonic() - self._outage_started)
+            self._outage_started = None
+            log.warning("MLflow tracking at %s is reachable again after %.1f s: delivered %d buffered metric "
+                        "values of run %s", self.tracking_uri, self.outages[-1], backlog, self.run_id)
+        self._next_try = 0.0
+        return True
+
+    def flush(self, wait_s: float | None = None, lost_dir: str | None = None) -> int:
+        """Deliver what is pending, waiting up to ``wait_s`` for the server; returns the number of
+        values lost (0 when all were delivered). Lost values go to ``lost_dir`` (default: tmp)."""
+        deadline = time.monotonic() + (flush_wait_s() if wait_s is None else wait_s)
+        with self._lock:
+            while not self._deliver():
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            if not self.pending:
+                return 0
+            lost = self.pending
+            self.pending = []
+            self.lost += len(lost)
+            path = os.path.join(os.path.abspath(lost_dir or tempfile.gettempdir()),
+                                UNDELIVERED_FILE.format(run_id=self.run_id))
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "a") as f:
+                for m in lost:
+                    f.write(json.dumps({"run_id": self.run_id, "key": m.key, "value": m.value, "step": m.step,
+                                        "timestamp": m.timestamp}) + "\n")
+            steps = sorted({m.step for m in lost})
+            log.warning("LOST %d metric values of run %s (steps %d..%d): MLflow tracking at %s stayed unreachable; "
+                        "they are written to %s", len(lost), self.run_id, steps[0], steps[-1], self.tracking_uri,
+                        path)
+            return len(lost)
+
+    def set_terminated(self, status: str, wait_s: float) -> bool:
+        """Record the run's end status, retrying an unreachable server up to ``wait_s``."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                if _is_http(self.tracking_uri):
+                    _rest_post(self.tracking_uri, _UPDATE_RUN, {"run_id": self.run_id, "run_uuid": self.run_id,
+                                                                "status": status,
+                                                                "end_time": int(time.time() * 1000)})
+                else:
+                    mlflow.MlflowClient(self.tracking_uri).set_terminated(self.run_id, status)
+                return True
+            except Exception as e:
+                if not _transient(e) or time.monotonic() >= deadline:
+                    log.warning("could not mark MLflow run %s %s at %s (%s)", self.run_id, status, self.tracking_uri,
+                                str(e).splitlines()[0][:300])
+                    return False
+                time.sleep(1.0)
+
+
+_sinks: dict[str, MetricSink] = {}
+_sinks_lock = threading.Lock()
+
+
+def metric_sink(run_id: str | None = None) -> MetricSink | None:
+    """The sink of ``run_id`` (default: the active run), created on first use; None without a run."""
+    run_id = run_id or active_run_id()
+    if run_id is None:
+        return None
+    with _sinks_lock:
+        sink = _sinks.get(run_id)
+        if sink is None:
+            sink = _sinks[run_id] = MetricSink(run_id, mlflow.get_tracking_uri())
+        return sink
+
+
+def flush_metrics(run_id: str | None = None, wait_s: float | None = None, lost_dir: str | None = None) -> int:
+    """Deliver the (active) run's buffered metrics; the number lost (see ``MetricSink.flush``)."""
+    sink = _sinks.get(run_id or active_run_id() or "")
+    return sink.flush(wait_s, lost_dir) if sink is not None else 0
+
+
+def end_run(status: str = "FINISHED") -> None:
+    """End the active run: flush its metrics, record ``status`` (retried while the server is
+    unreachable, up to the flush wait), then pop it from MLflow's run stack. Never raises for an
+    unreachable server: the run then stays RUNNING on the server (never FAILED for it)."""
+    run = mlflow.active_run()
+    if run is None:
+        return
+    run_id = run.info.run_id
+    sink = metric_sink(run_id)
+    try:
+        sink.flush()
+    except Exception as e:  # a refused (4xx) batch must not keep the run from ending
+        log.warning("metrics of run %s not delivered: %s", run_id, e)
+    recorded = sink.set_terminated(status, flush_wait_s())
+    with _sinks_lock:
+        _sinks.pop(run_id, None)
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    try:
+        if not recorded:
+            # The server is gone: mlflow.end_run pops the run, then sets the status once more;
+            # that last call must fail fast instead of retrying for minutes.
+            os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(SINK_MAX_RETRIES),
+                               "MLFLOW_HTTP_REQUEST_TIMEOUT": str(SINK_HTTP_TIMEOUT_S)})
+        mlflow.end_run(status)
+    except Exception as e:
+        if recorded:
+            log.debug("mlflow.end_run after the status was recorded: %s", e)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def log_json(obj: Any, artifact_file: str) -> None:

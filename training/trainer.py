@@ -72,6 +72,7 @@ class TrainResult:
     nonfinite_skips: int = 0  # optimizer steps skipped for a non-finite loss/gradient, whole run
     eval: dict[str, DomainEval] = field(default_factory=dict)  # the last eval of THIS call (rank 0; eval_every)
     export_dir: str | None = None  # <output_dir>/export when this call exported
+    metrics_lost: int = 0  # metric values MLflow never received (tracking server unreachable to the end)
 
 
 # --------------------------------------------------------------------------- configuration pieces
@@ -586,6 +587,13 @@ def train(cfg: TrainConfig, storage: Storage | None = None, *, stop_after_step: 
         folder = save_checkpoint(engine, cfg, model_args, current_state(), rank, ema, mirror)
         report(f"checkpoint {folder}")
 
+    # Per-step metrics buffered through a tracking-server outage (infra.tracking.MetricSink) are
+    # delivered now, waiting for the server a bounded time; what cannot be is written to
+    # <output_dir>/mlflow-undelivered-<run>.jsonl and reported lost, and training's result stands.
+    metrics_lost = tracking.flush_metrics(lost_dir=cfg.output_dir) if rank == 0 else 0
+    if metrics_lost:
+        report(f"{metrics_lost} metric values could not be delivered to MLflow (see the warning above)")
+
     # ---- end: the export of the finished run
     export_dir = None
     if cfg.export and step == cfg.steps and (losses or not export_exists(cfg.output_dir)):
@@ -598,7 +606,7 @@ def train(cfg: TrainConfig, storage: Storage | None = None, *, stop_after_step: 
     return TrainResult(checkpoint_dir=folder, steps=step, tokens_seen=tokens_seen,
                        final_loss=losses[-1] if losses else float("nan"), losses=losses,
                        masked_tokens_seen=masked_tokens_seen, nonfinite_skips=guard.skips, eval=evals,
-                       export_dir=export_dir)
+                       export_dir=export_dir, metrics_lost=metrics_lost)
 
 
 def _log_run_params(cfg: TrainConfig, model_args: ModelArgs, n_parameters: int, ds_config: dict,
