@@ -70,10 +70,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # embedded Ray on loopback o
 import argparse  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -82,6 +80,8 @@ import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench._measure import measure_child  # noqa: E402
 
 NGRAM, BANDS, ROWS, SEED = 5, 14, 8, 1
 EDIT_RATES = (0.0, 0.01, 0.02, 0.03, 0.04, 0.06, 0.1)  # J ~ 1, .9, .82, .74, .67, .55, .35
@@ -464,70 +464,9 @@ RUNNERS = {"maskmix": run_maskmix, "datatrove": run_datatrove, "datasketch": run
 # =========================================================================== measuring a child
 
 
-def _tree_memory(proc, cpu: dict | None = None) -> tuple[float, float]:
-    """(sum of RSS, sum of PSS) in MB over a process and all its descendants; ``cpu`` collects
-    each process's last seen user + system CPU seconds (by pid)."""
-    import psutil
-
-    rss = pss = 0
-    try:
-        procs = [proc] + proc.children(recursive=True)
-    except psutil.Error:
-        return 0.0, 0.0
-    for p in procs:
-        try:
-            rss += p.memory_info().rss
-            if _tree_memory.pss:
-                pss += p.memory_full_info().pss
-            if cpu is not None:
-                t = p.cpu_times()
-                cpu[p.pid] = t.user + t.system
-        except psutil.Error:
-            continue
-    return rss / 2**20, pss / 2**20
-
-
-_tree_memory.pss = True
-
-
 def measure(system: str, spec: dict, folder: Path, timeout: float | None = None) -> dict:
-    """Run one system in its own subprocess, sampling its process tree's memory; its result dict."""
-    import psutil
-
-    spec_path, result_path = folder / f"{system}.spec.json", folder / f"{system}.result.json"
-    spec_path.write_text(json.dumps(spec))
-    started = time.perf_counter()
-    child = subprocess.Popen([sys.executable, __file__, "--child", system, str(spec_path), str(result_path)],
-                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    proc = psutil.Process(child.pid)
-    peak = {"rss": 0.0, "pss": 0.0}
-    done = threading.Event()
-
-    cpu: dict[int, float] = {}  # CPU seconds of the whole tree: comparable on a loaded machine, unlike wall time
-
-    def sample():
-        while not done.is_set():
-            rss, pss = _tree_memory(proc, cpu)
-            peak["rss"], peak["pss"] = max(peak["rss"], rss), max(peak["pss"], pss)
-            done.wait(0.1)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        output, _ = child.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        output, _ = child.communicate()
-        raise RuntimeError(f"{system} timed out after {timeout} s:\n{output[-3000:]}")
-    finally:
-        done.set()
-        sampler.join()
-    if child.returncode != 0:
-        raise RuntimeError(f"{system} failed (exit {child.returncode}):\n{output[-5000:]}")
-    result = json.loads(result_path.read_text())
-    result.update(process_s=time.perf_counter() - started, peak_rss_mb=round(peak["rss"], 1),
-                  peak_pss_mb=round(peak["pss"], 1), cpu_s=round(sum(cpu.values()), 1))
-    return result
+    """Run one system in its own subprocess, sampling its process tree's memory and CPU; its result dict."""
+    return measure_child(__file__, system, spec, folder, cwd=REPO, timeout=timeout)
 
 
 def _summary(result: dict, mb: float, cores: int) -> dict:

@@ -63,15 +63,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench._measure import measure_child  # noqa: E402
 
 SYSTEMS = ("full", "filters", "datatrove")
 FILTERS = ("gopher_repetition", "gopher_quality", "c4_quality", "fineweb_quality")  # datatrove's FineWeb order
@@ -282,58 +282,9 @@ RUNNERS = {"full": run_full, "filters": run_filters, "datatrove": run_datatrove}
 # =========================================================================== measuring a child
 
 
-def _tree_rss_mb(proc) -> float:
-    import psutil
-
-    try:
-        procs = [proc] + proc.children(recursive=True)
-    except psutil.Error:
-        return 0.0
-    rss = 0
-    for p in procs:
-        try:
-            rss += p.memory_info().rss
-        except psutil.Error:
-            continue
-    return rss / 2**20
-
-
 def measure(system: str, spec: dict, folder: Path, timeout: float | None = None) -> dict:
-    """Run one system in its own subprocess, sampling its process tree's RSS; its result dict."""
-    import psutil
-
-    folder.mkdir(parents=True, exist_ok=True)
-    spec_path, result_path = folder / "spec.json", folder / "result.json"
-    spec_path.write_text(json.dumps(spec))
-    started = time.perf_counter()
-    child = subprocess.Popen([sys.executable, __file__, "--child", system, str(spec_path), str(result_path)],
-                             cwd=folder, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-    proc = psutil.Process(child.pid)
-    peak = [0.0]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _tree_rss_mb(proc))
-            done.wait(0.1)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        output, _ = child.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        output, _ = child.communicate()
-        raise RuntimeError(f"{system} timed out after {timeout} s:\n{output[-3000:]}")
-    finally:
-        done.set()
-        sampler.join()
-    if child.returncode != 0:
-        raise RuntimeError(f"{system} failed (exit {child.returncode}):\n{output[-5000:]}")
-    result = json.loads(result_path.read_text())
-    result.update(process_s=time.perf_counter() - started, peak_rss_mb=round(peak[0], 1))
-    return result
+    """Run one system in its own subprocess, sampling its process tree's RSS and CPU; its result dict."""
+    return measure_child(__file__, system, spec, folder, cwd=folder, timeout=timeout, pss=False)
 
 
 # =========================================================================== profile (serial, no Ray)

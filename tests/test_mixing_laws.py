@@ -1,7 +1,5 @@
 """Data mixing laws: fitter recovery, power laws, capped optimizer, bootstrap, sampling."""
 
-import itertools
-
 import numpy as np
 import pytest
 

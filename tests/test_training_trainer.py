@@ -28,7 +28,8 @@ except ImportError:  # tests/ imported as a package
 
 from training import checkpoint as ckpt  # noqa: E402
 from training.evaluate import DomainEval, evaluate, load_model, log_eval, summarize  # noqa: E402
-from training.trainer import deep_merge, deepspeed_config, lr_multiplier  # noqa: E402
+from training.schedule import lr_multiplier  # noqa: E402
+from training.trainer import deep_merge, deepspeed_config  # noqa: E402
 
 VOCAB = 32
 

@@ -21,8 +21,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+SYNTHESIZED_WORLD = "MASKMIX_SYNTHESIZED_WORLD"
+"""``<pid>:<port>`` of the process that made up a world of one (no launcher described one)."""
+
+_WORLD_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def set_single_process_env() -> None:
-    """Fill in a world of one unless a launcher already described the world."""
+    """Fill in a world of one unless a launcher already described the world.
+
+    The variables stay in ``os.environ`` (DeepSpeed reads them there), so every child process
+    inherits them; the marker tells a child that the world is its parent's invention, not a
+    launcher's. A child must not join its parent's made-up world: the parent may still hold
+    MASTER_PORT (its TCP store), and the child would fail with EADDRINUSE. So a child that finds the
+    marker makes up a world of its own, on a fresh port.
+    """
+    made_by, _, port = os.environ.get(SYNTHESIZED_WORLD, "").partition(":")
+    # Only the very world a parent made up is dropped: a launcher's (Ray Train's, under a parent
+    # that once trained in-process) names its own port and is kept.
+    if made_by and made_by != str(os.getpid()) and os.environ.get("MASTER_PORT") == port:
+        for name in _WORLD_VARS:
+            os.environ.pop(name, None)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return
     os.environ.setdefault("RANK", "0")
@@ -30,6 +49,7 @@ def set_single_process_env() -> None:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ[SYNTHESIZED_WORLD] = f"{os.getpid()}:{os.environ['MASTER_PORT']}"
 
 
 def use_environment_ninja() -> None:

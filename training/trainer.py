@@ -53,7 +53,7 @@ from training.export import CONFIG_FILE as EXPORT_CONFIG_FILE
 from training.export import EXPORT_DIR, ExportInfo, export_model, read_tokenizer
 from training.guard import NonFiniteGuard, SkippableAdamW
 from training.model import MaskedDiffusionTransformer, ModelArgs, build_model_args
-from training.schedule import lr_multiplier, scheduled_lr, set_lr  # noqa: F401  (lr_multiplier: public here too)
+from training.schedule import scheduled_lr, set_lr
 
 log = logging.getLogger(__name__)
 

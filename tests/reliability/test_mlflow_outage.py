@@ -80,7 +80,12 @@ def start_training(tmp_path, server: MlflowServer, flush_wait_s: float) -> Pytho
 
 def kill_server_after_first_steps(server: MlflowServer, proc: PythonProcess, run_id: str) -> int:
     """SIGKILL the server once step 3 is on it; returns the last step the trainer had printed."""
-    wait_for(lambda: 3 in history(server.uri, run_id), "step 3 of train/loss on the server")
+    def step_3_on_server():
+        if proc.proc.poll() is not None:  # a training that died is a failure now, not a 300 s wait
+            raise AssertionError(f"training exited {proc.proc.returncode} before step 3:\n{proc.output[-4000:]}")
+        return 3 in history(server.uri, run_id)
+
+    wait_for(step_3_on_server, "step 3 of train/loss on the server")
     server.stop()
     return last_step(proc)
 
