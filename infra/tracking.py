@@ -356,23 +356,65 @@ def end_run(status: str = "FINISHED") -> None:
     recorded = sink.set_terminated(status, flush_wait_s())
     with _sinks_lock:
         _sinks.pop(run_id, None)
+    # The server is gone: mlflow.end_run pops the run, then sets the status once more; that last
+    # call must fail fast instead of retrying for minutes.
+    with (contextlib.nullcontext() if recorded else _fail_fast_http()):
+        try:
+            mlflow.end_run(status)
+        except Exception as e:
+            if recorded:
+                log.debug("mlflow.end_run after the status was recorded: %s", e)
+
+
+@contextlib.contextmanager
+def _fail_fast_http() -> Iterator[None]:
+    """MLflow's own client calls inside give up after one SINK_HTTP_TIMEOUT_S attempt (process-wide
+    settings, restored on exit), instead of MLflow's 7 retries with back-off."""
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(SINK_MAX_RETRIES),
+                       "MLFLOW_HTTP_REQUEST_TIMEOUT": str(SINK_HTTP_TIMEOUT_S)})
     try:
-        if not recorded:
-            # The server is gone: mlflow.end_run pops the run, then sets the status once more;
-            # that last call must fail fast instead of retrying for minutes.
-            os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(SINK_MAX_RETRIES),
-                               "MLFLOW_HTTP_REQUEST_TIMEOUT": str(SINK_HTTP_TIMEOUT_S)})
-        mlflow.end_run(status)
-    except Exception as e:
-        if recorded:
-            log.debug("mlflow.end_run after the status was recorded: %s", e)
+        yield
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def upload_or_report(what: str, upload, local_path: str, lost_dir: str, wait_s: float | None = None) -> bool:
+    """Run ``upload`` (an artifact upload of the active run at the end of a stage) through an outage
+    of the tracking server: each attempt fails fast, attempts are repeated up to the flush wait,
+    and if the server stays unreachable the upload is given up with a warning that says where the
+    files are, and a line in ``<lost_dir>/mlflow-undelivered-<run>.jsonl``. False only when given up.
+
+    A refusal that is not an outage (a 4xx) is raised: it would fail the same way every time.
+    """
+    run_id = active_run_id()
+    if run_id is None:
+        return True  # no run: nothing to deliver, nothing lost
+    deadline = time.monotonic() + (flush_wait_s() if wait_s is None else wait_s)
+    while True:
+        try:
+            with _fail_fast_http():
+                upload()
+            return True
+        except Exception as e:
+            if not _transient(e):
+                raise
+            if time.monotonic() >= deadline:
+                error = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+                break
+            time.sleep(1.0)
+    path = os.path.join(os.path.abspath(lost_dir), UNDELIVERED_FILE.format(run_id=run_id))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps({"run_id": run_id, "artifact": what, "local_path": os.path.abspath(local_path),
+                            "error": error}) + "\n")
+    log.warning("NOT UPLOADED %s of run %s: MLflow tracking at %s stayed unreachable (%s); the files stay at %s "
+                "(recorded in %s)", what, run_id, mlflow.get_tracking_uri(), error, local_path, path)
+    return False
 
 
 def log_json(obj: Any, artifact_file: str) -> None:

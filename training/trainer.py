@@ -402,8 +402,14 @@ def export_run(engine, cfg: TrainConfig, ema: WeightEMA | None, manifest: Manife
     folder = os.path.join(cfg.output_dir, EXPORT_DIR)
     if rank == 0:
         export_model(folder, weights, info, read_tokenizer(manifest, _dirname(cfg.manifest), storage))
-        tracking.log_artifacts(folder, EXPORT_DIR)
-        if cfg.register_model:
+        # Through a tracking-server outage: retried up to the flush wait, then reported (the export
+        # itself is on disk either way, and the training's result stands).
+        uploaded = tracking.upload_or_report(f"artifacts {EXPORT_DIR}/",
+                                             lambda: tracking.log_artifacts(folder, EXPORT_DIR), folder,
+                                             lost_dir=cfg.output_dir)
+        if cfg.register_model and not uploaded:
+            log.warning("register_model=%s: not registered, the export did not reach MLflow", cfg.register_model)
+        elif cfg.register_model:
             version = tracking.register_artifacts(
                 cfg.register_model, EXPORT_DIR, description=f"maskmix {info.preset}, step {info.step}",
                 tags={"maskmix.weights": info.weights, "maskmix.manifest_sha256": info.manifest_sha256,

@@ -35,12 +35,12 @@ from infra import tracking
 from infra.config import ModelConfig, TrackingConfig, TrainConfig
 from training.trainer import train
 
-uri, manifest, output_dir, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+uri, manifest, output_dir, steps, export = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
 tracking.configure(TrackingConfig(uri=uri, experiment="outage"))
 cfg = TrainConfig(manifest=manifest, output_dir=output_dir, model=ModelConfig(preset="test"), seq_len=32,
                   micro_batch_size=4, steps=steps, warmup_steps=1, lr=1e-3, log_every=1, zero_stage=0,
-                  export=False)
+                  export=export, register_model="outage-model" if export else None)
 with tracking.stage_run("train") as run:
     print("RUN", run.info.run_id, flush=True)
     result = train(cfg, progress=lambda m: print(m, flush=True))
@@ -72,9 +72,9 @@ def history(uri: str, run_id: str, key: str = "train/loss") -> dict[int, float]:
     return {m.step: m.value for m in MlflowClient(uri).get_metric_history(run_id, key)}
 
 
-def start_training(tmp_path, server: MlflowServer, flush_wait_s: float) -> PythonProcess:
+def start_training(tmp_path, server: MlflowServer, flush_wait_s: float, export: bool = False) -> PythonProcess:
     corpus = write_tiny_corpus(tmp_path / "corpus", ["alpha", "beta"])
-    return PythonProcess(TRAIN_SCRIPT, [server.uri, corpus.manifest_path, tmp_path / "run", STEPS],
+    return PythonProcess(TRAIN_SCRIPT, [server.uri, corpus.manifest_path, tmp_path / "run", STEPS, int(export)],
                          env=child_env(MASKMIX_MLFLOW_FLUSH_WAIT_S=str(flush_wait_s)))
 
 
@@ -146,7 +146,8 @@ def test_metrics_reported_lost_when_server_stays_down(tmp_path):
     from mlflow.tracking import MlflowClient
 
     with MlflowServer(tmp_path / "mlflow") as server:
-        with start_training(tmp_path, server, flush_wait_s=3) as proc:
+        # The run ends with an export (and a model registration) while the server is still down.
+        with start_training(tmp_path, server, flush_wait_s=3, export=True) as proc:
             run_id = run_id_of(proc)
             kill_server_after_first_steps(server, proc, run_id)
             output = proc.finish()  # exits 0 with the server still down
@@ -157,8 +158,16 @@ def test_metrics_reported_lost_when_server_stays_down(tmp_path):
         assert lost_line and lost_line.group(2) == run_id, output[-3000:]
         files = list((tmp_path / "run").glob(f"mlflow-undelivered-{run_id}.jsonl"))
         assert len(files) == 1
-        records = [json.loads(line) for line in files[0].read_text().splitlines()]
+        rows = [json.loads(line) for line in files[0].read_text().splitlines()]
+        records = [r for r in rows if "key" in r]
         assert len(records) == int(lost_line.group(1)) == result["lost"] > 0
+        # the export: written, not uploaded, and said so (where its files are), not registered
+        export_dir = tmp_path / "run" / "export"
+        assert (export_dir / "model.safetensors").is_file() and (export_dir / "config.json").is_file()
+        [not_uploaded] = [r for r in rows if "artifact" in r]
+        assert not_uploaded["local_path"] == str(export_dir) and not_uploaded["run_id"] == run_id
+        assert f"NOT UPLOADED artifacts export/ of run {run_id}" in output and str(export_dir) in output
+        assert "register_model=outage-model: not registered" in output
 
         server.start()  # back after the run: what it has and what the file has
         on_server = history(server.uri, run_id)
@@ -168,5 +177,45 @@ def test_metrics_reported_lost_when_server_stays_down(tmp_path):
         assert [{**on_server, **in_file}[s] for s in range(1, STEPS + 1)] == result["losses"]
         status = MlflowClient(server.uri).get_run(run_id).info.status
         assert status != "FAILED" and status == "RUNNING"  # the end status could not be recorded; never FAILED
+        assert MlflowClient(server.uri).list_artifacts(run_id, "export") == []
         print(f"\nFIGURES mlflow_outage_lost: steps={STEPS} on_server={len(on_server)} "
-              f"reported_lost_values={len(records)} lost_steps_in_file={len(in_file)} status={status}")
+              f"reported_lost_values={len(records)} lost_steps_in_file={len(in_file)} status={status} "
+              f"export_not_uploaded_kept_at={export_dir.name}/")
+
+
+def test_an_upload_through_an_outage_is_retried_then_reported_with_where_the_files_are(tmp_path, mlflow_uri, caplog):
+    """upload_or_report alone: a transient failure is retried until the wait is over, then recorded
+    (run, what, local path) and warned about; a refusal (4xx) is raised at once; no run, no work."""
+    import logging
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    from infra import tracking
+
+    calls = []
+
+    def unreachable():
+        calls.append(1)
+        raise ConnectionError("Connection refused")
+
+    assert tracking.upload_or_report("artifacts x/", unreachable, str(tmp_path), lost_dir=str(tmp_path)) is True
+    assert calls == []  # no active run: nothing to deliver
+    with mlflow.start_run() as run, caplog.at_level(logging.WARNING, logger="infra.tracking"):
+        assert tracking.upload_or_report("artifacts x/", unreachable, str(tmp_path / "x"), lost_dir=str(tmp_path),
+                                         wait_s=1.5) is False
+        assert len(calls) >= 2  # retried within the wait
+        [row] = [json.loads(line) for line in (tmp_path / f"mlflow-undelivered-{run.info.run_id}.jsonl").read_text()
+                 .splitlines()]
+        assert row == {"run_id": run.info.run_id, "artifact": "artifacts x/", "local_path": str(tmp_path / "x"),
+                       "error": "Connection refused"}
+        assert any("NOT UPLOADED artifacts x/" in r.message and str(tmp_path / "x") in r.message
+                   for r in caplog.records)
+
+        def refused():
+            raise MlflowException("bad request", error_code=INVALID_PARAMETER_VALUE)  # a 400
+
+        with pytest.raises(MlflowException):
+            tracking.upload_or_report("artifacts y/", refused, str(tmp_path), lost_dir=str(tmp_path), wait_s=60)
+        assert tracking.upload_or_report("artifacts z/", lambda: None, str(tmp_path), lost_dir=str(tmp_path)) is True
