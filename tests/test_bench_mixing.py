@@ -29,6 +29,9 @@ def test_mixing_known_optimum_tiny_prints_its_json():
     assert out["gap_uniform_to_optimum"] == out["regret"]["uniform"]
     assert out["budget"]["uniform"] == out["budget"]["natural"] == 0
     assert out["budget"]["doremi"] > 0 and out["budget"]["mixing_law"] > 0
+    for m in METHODS:  # every training domain counts in the _all_domains figures, the learnable ones in the others
+        assert out["worst_loss_all_domains"][m] >= out["worst_loss"][m]
+        assert out["worst_loss_all_domains"][m] >= out["average_loss_all_domains"][m] > 0
     for weights in [out["optimum_weights"], *out["weights"].values()]:
         assert sum(weights.values()) == pytest.approx(1.0, abs=1e-6)
         assert min(weights.values()) >= -1e-9
