@@ -53,7 +53,10 @@ def run_train_stage(cfg: MaskmixConfig, progress: Callable[[str], None] = print)
             tracking.stage_run("train", system_metrics=True, tags=tags):
         # local (this process), torchrun (N ranks on this machine) or Ray Train, by train.launch.mode
         result = launch(train_cfg, cfg.storage, cfg.ray, progress=progress)
-        tracking.set_tags({"maskmix.checkpoint": result.checkpoint_dir})
+        # The training stands even if the tracking server is down by now (see deliver_or_report).
+        tracking.deliver_or_report("tag maskmix.checkpoint",
+                                   lambda: tracking.set_tags({"maskmix.checkpoint": result.checkpoint_dir}),
+                                   result.checkpoint_dir, lost_dir=train_cfg.output_dir)
     return result
 
 

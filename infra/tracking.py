@@ -383,11 +383,12 @@ def _fail_fast_http() -> Iterator[None]:
                 os.environ[k] = v
 
 
-def upload_or_report(what: str, upload, local_path: str, lost_dir: str, wait_s: float | None = None) -> bool:
-    """Run ``upload`` (an artifact upload of the active run at the end of a stage) through an outage
-    of the tracking server: each attempt fails fast, attempts are repeated up to the flush wait,
-    and if the server stays unreachable the upload is given up with a warning that says where the
-    files are, and a line in ``<lost_dir>/mlflow-undelivered-<run>.jsonl``. False only when given up.
+def deliver_or_report(what: str, deliver, local_path: str, lost_dir: str, wait_s: float | None = None) -> bool:
+    """Run ``deliver`` (an artifact upload or a tag of the active run, at the end of a stage) through
+    an outage of the tracking server: each attempt fails fast, attempts are repeated up to the flush
+    wait, and if the server stays unreachable the delivery is given up with a warning that names
+    the local copy (``local_path``), and a line in ``<lost_dir>/mlflow-undelivered-<run>.jsonl``.
+    False only when given up.
 
     A refusal that is not an outage (a 4xx) is raised: it would fail the same way every time.
     """
@@ -398,7 +399,7 @@ def upload_or_report(what: str, upload, local_path: str, lost_dir: str, wait_s: 
     while True:
         try:
             with _fail_fast_http():
-                upload()
+                deliver()
             return True
         except Exception as e:
             if not _transient(e):
@@ -410,9 +411,9 @@ def upload_or_report(what: str, upload, local_path: str, lost_dir: str, wait_s: 
     path = os.path.join(os.path.abspath(lost_dir), UNDELIVERED_FILE.format(run_id=run_id))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a") as f:
-        f.write(json.dumps({"run_id": run_id, "artifact": what, "local_path": os.path.abspath(local_path),
+        f.write(json.dumps({"run_id": run_id, "undelivered": what, "local_path": os.path.abspath(local_path),
                             "error": error}) + "\n")
-    log.warning("NOT UPLOADED %s of run %s: MLflow tracking at %s stayed unreachable (%s); the files stay at %s "
+    log.warning("NOT DELIVERED %s of run %s: MLflow tracking at %s stayed unreachable (%s); the local copy is %s "
                 "(recorded in %s)", what, run_id, mlflow.get_tracking_uri(), error, local_path, path)
     return False
 

@@ -31,19 +31,29 @@ STEPS = 30
 
 TRAIN_SCRIPT = r"""
 import json, logging, sys
+import mlflow
 from infra import tracking
-from infra.config import ModelConfig, TrackingConfig, TrainConfig
-from training.trainer import train
+from infra.config import MaskmixConfig
+from infra.stages import run_train_stage
 
 uri, manifest, output_dir, steps, export = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
-tracking.configure(TrackingConfig(uri=uri, experiment="outage"))
-cfg = TrainConfig(manifest=manifest, output_dir=output_dir, model=ModelConfig(preset="test"), seq_len=32,
-                  micro_batch_size=4, steps=steps, warmup_steps=1, lr=1e-3, log_every=1, zero_stage=0,
-                  export=export, register_model="outage-model" if export else None)
-with tracking.stage_run("train") as run:
-    print("RUN", run.info.run_id, flush=True)
-    result = train(cfg, progress=lambda m: print(m, flush=True))
+# The train stage as `maskmix train` runs it (infra.stages: its MLflow run, the trainer, the end tags).
+cfg = MaskmixConfig.model_validate({
+    "tracking": {"uri": uri, "experiment": "outage"},
+    "train": {"manifest": manifest, "output_dir": output_dir, "model": {"preset": "test"}, "seq_len": 32,
+              "micro_batch_size": 4, "steps": steps, "warmup_steps": 1, "lr": 1e-3, "log_every": 1,
+              "zero_stage": 0, "export": export, "register_model": "outage-model" if export else None}})
+tracking.configure(cfg.tracking)
+said = []
+
+def progress(message):
+    if not said:
+        said.append(1)
+        print("RUN", mlflow.active_run().info.run_id, flush=True)
+    print(message, flush=True)
+
+result = run_train_stage(cfg, progress=progress)
 print("RESULT", json.dumps({"steps": result.steps, "losses": result.losses, "lost": result.metrics_lost}), flush=True)
 """
 
@@ -164,10 +174,12 @@ def test_metrics_reported_lost_when_server_stays_down(tmp_path):
         # the export: written, not uploaded, and said so (where its files are), not registered
         export_dir = tmp_path / "run" / "export"
         assert (export_dir / "model.safetensors").is_file() and (export_dir / "config.json").is_file()
-        [not_uploaded] = [r for r in rows if "artifact" in r]
+        [not_uploaded] = [r for r in rows if r.get("undelivered") == "artifacts export/"]
         assert not_uploaded["local_path"] == str(export_dir) and not_uploaded["run_id"] == run_id
-        assert f"NOT UPLOADED artifacts export/ of run {run_id}" in output and str(export_dir) in output
+        assert f"NOT DELIVERED artifacts export/ of run {run_id}" in output and str(export_dir) in output
         assert "register_model=outage-model: not registered" in output
+        [tag] = [r for r in rows if r.get("undelivered") == "tag maskmix.checkpoint"]  # the stage's end tag
+        assert tag["local_path"].startswith(str(tmp_path / "run" / "checkpoints"))
 
         server.start()  # back after the run: what it has and what the file has
         on_server = history(server.uri, run_id)
@@ -184,7 +196,7 @@ def test_metrics_reported_lost_when_server_stays_down(tmp_path):
 
 
 def test_an_upload_through_an_outage_is_retried_then_reported_with_where_the_files_are(tmp_path, mlflow_uri, caplog):
-    """upload_or_report alone: a transient failure is retried until the wait is over, then recorded
+    """deliver_or_report alone: a transient failure is retried until the wait is over, then recorded
     (run, what, local path) and warned about; a refusal (4xx) is raised at once; no run, no work."""
     import logging
 
@@ -200,22 +212,22 @@ def test_an_upload_through_an_outage_is_retried_then_reported_with_where_the_fil
         calls.append(1)
         raise ConnectionError("Connection refused")
 
-    assert tracking.upload_or_report("artifacts x/", unreachable, str(tmp_path), lost_dir=str(tmp_path)) is True
+    assert tracking.deliver_or_report("artifacts x/", unreachable, str(tmp_path), lost_dir=str(tmp_path)) is True
     assert calls == []  # no active run: nothing to deliver
     with mlflow.start_run() as run, caplog.at_level(logging.WARNING, logger="infra.tracking"):
-        assert tracking.upload_or_report("artifacts x/", unreachable, str(tmp_path / "x"), lost_dir=str(tmp_path),
+        assert tracking.deliver_or_report("artifacts x/", unreachable, str(tmp_path / "x"), lost_dir=str(tmp_path),
                                          wait_s=1.5) is False
         assert len(calls) >= 2  # retried within the wait
         [row] = [json.loads(line) for line in (tmp_path / f"mlflow-undelivered-{run.info.run_id}.jsonl").read_text()
                  .splitlines()]
-        assert row == {"run_id": run.info.run_id, "artifact": "artifacts x/", "local_path": str(tmp_path / "x"),
+        assert row == {"run_id": run.info.run_id, "undelivered": "artifacts x/", "local_path": str(tmp_path / "x"),
                        "error": "Connection refused"}
-        assert any("NOT UPLOADED artifacts x/" in r.message and str(tmp_path / "x") in r.message
+        assert any("NOT DELIVERED artifacts x/" in r.message and str(tmp_path / "x") in r.message
                    for r in caplog.records)
 
         def refused():
             raise MlflowException("bad request", error_code=INVALID_PARAMETER_VALUE)  # a 400
 
         with pytest.raises(MlflowException):
-            tracking.upload_or_report("artifacts y/", refused, str(tmp_path), lost_dir=str(tmp_path), wait_s=60)
-        assert tracking.upload_or_report("artifacts z/", lambda: None, str(tmp_path), lost_dir=str(tmp_path)) is True
+            tracking.deliver_or_report("artifacts y/", refused, str(tmp_path), lost_dir=str(tmp_path), wait_s=60)
+        assert tracking.deliver_or_report("artifacts z/", lambda: None, str(tmp_path), lost_dir=str(tmp_path)) is True
