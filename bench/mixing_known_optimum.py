@@ -215,6 +215,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--states", type=int, default=N_STATES, help="hidden states of every domain's HMM")
+    parser.add_argument("--eta", type=float, default=1.0, help="DoReMi's step size η (paper: 1)")
     parser.add_argument("--cache", help="folder of finished proxy runs (JSON per run, keyed by corpus, config "
                                         "and weights): a re-run of the bench reuses them instead of retraining")
     parser.add_argument("--dump", help="write every run (grid, law sweep, chosen mixtures) to this JSON file")
@@ -259,7 +260,7 @@ def main(argv=None) -> dict:
 
     with ProcessPoolExecutor(max_workers=args.workers, initializer=_setup_worker, initargs=(root,)) as pool:
         # DoReMi first (its two runs are sequential, so it overlaps with the grid).
-        doremi_futures = {ref: pool.submit(run_doremi_worker, root, paths, cfg, 1.0, 1e-3, max_epochs, ref)
+        doremi_futures = {ref: pool.submit(run_doremi_worker, root, paths, cfg, args.eta, 1e-3, max_epochs, ref)
                           for ref in ("natural", "uniform")}
         run = lambda w: pool.submit(train_and_score, root, paths, w, cfg, args.cache, corpus_key)  # noqa: E731
         grid_futures = [run(as_dict(r)) for r in mixtures]
@@ -332,7 +333,7 @@ def main(argv=None) -> dict:
            "average_loss_all_domains": {m: r["average_all"] for m, r in results.items()},
            "worst_loss_all_domains": {m: r["worst_all"] for m, r in results.items()},
            "grid_runs": len(grid_runs), "grid_resolution": grid, "steps": steps, "seed": args.seed,
-           "max_epochs": max_epochs, "caps": None if caps is None else as_dict(caps),
+           "max_epochs": max_epochs, "caps": None if caps is None else as_dict(caps), "doremi_eta": args.eta,
            "wall_s": time.perf_counter() - started}
     if args.dump:
         with open(args.dump, "w") as f:
