@@ -184,6 +184,17 @@ def _transient(e: Exception) -> bool:
     return not isinstance(e, MlflowException) or e.get_http_status_code() >= 500
 
 
+def _outage(e: Exception) -> bool:
+    """The tracking server did not answer or failed (connection refused, timeout, 5xx; MLflow's
+    client reports a refused connection as a 500). A local error (a missing file, a bug) is not."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(e, MlflowException):
+        return e.get_http_status_code() >= 500
+    return isinstance(e, (requests.exceptions.RequestException, ConnectionError, TimeoutError))
+
+
 def _rest_post(tracking_uri: str, endpoint: str, body: dict) -> None:
     from mlflow.utils.credentials import get_default_host_creds
     from mlflow.utils.rest_utils import http_request, verify_rest_response
@@ -390,7 +401,8 @@ def deliver_or_report(what: str, deliver, local_path: str, lost_dir: str, wait_s
     the local copy (``local_path``), and a line in ``<lost_dir>/mlflow-undelivered-<run>.jsonl``.
     False only when given up.
 
-    A refusal that is not an outage (a 4xx) is raised: it would fail the same way every time.
+    Anything that is not an outage (a 4xx refusal, a missing local file) is raised at once: it
+    would fail the same way every time.
     """
     run_id = active_run_id()
     if run_id is None:
@@ -402,7 +414,7 @@ def deliver_or_report(what: str, deliver, local_path: str, lost_dir: str, wait_s
                 deliver()
             return True
         except Exception as e:
-            if not _transient(e):
+            if not _outage(e):
                 raise
             if time.monotonic() >= deadline:
                 error = str(e).splitlines()[0][:300] if str(e) else type(e).__name__

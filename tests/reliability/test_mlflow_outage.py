@@ -230,4 +230,9 @@ def test_an_upload_through_an_outage_is_retried_then_reported_with_where_the_fil
 
         with pytest.raises(MlflowException):
             tracking.deliver_or_report("artifacts y/", refused, str(tmp_path), lost_dir=str(tmp_path), wait_s=60)
+        def local_error():
+            raise FileNotFoundError(str(tmp_path / "missing"))
+
+        with pytest.raises(FileNotFoundError):  # a local error, not an outage: no 60 s of retries
+            tracking.deliver_or_report("artifacts w/", local_error, str(tmp_path), lost_dir=str(tmp_path), wait_s=60)
         assert tracking.deliver_or_report("artifacts z/", lambda: None, str(tmp_path), lost_dir=str(tmp_path)) is True
