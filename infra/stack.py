@@ -301,8 +301,10 @@ class Stack:
                     p.terminate()
         deadline = time.monotonic() + grace_s
         for name, (pgid, procs) in owned.items():
-            while _alive(pgid, procs) and time.monotonic() < deadline:
+            # The grace is for what may still be writing: job drivers, task workers, MLflow.
+            while _alive(pgid, procs, skip=CONTROL_PLANE) and time.monotonic() < deadline:
                 time.sleep(0.2)
+            graceful = not _alive(pgid, procs, skip=CONTROL_PLANE)
             if _alive(pgid, procs):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pgid, signal.SIGKILL)
@@ -311,9 +313,7 @@ class Stack:
                         p.kill()
                 while _alive(pgid, procs):
                     time.sleep(0.1)
-                result[name] = "killed"
-            else:
-                result[name] = "stopped"
+            result[name] = "stopped" if graceful else "killed"
         return result
 
 
@@ -324,15 +324,30 @@ def _descendants(proc: psutil.Process) -> list[psutil.Process]:
         return []
 
 
-def _alive(pgid: int, procs: list[psutil.Process]) -> bool:
-    """Any live (non-zombie) process left in the group or among the recorded processes."""
+# Ray 2.60's control plane -- the `ray start --block` parent, gcs_server, the autoscaler's monitor,
+# and with a job the raylet and the job's supervisor actor -- does not exit on SIGTERM: it waited
+# out every grace period (20 s per `stack down`). It writes no user data (the GCS keeps its tables
+# in memory), so once everything else -- job drivers, task workers, MLflow -- is gone it is killed
+# at once instead of waited for.
+CONTROL_PLANE = ("/ray/core/src/ray/gcs/gcs_server", "/ray/autoscaler/_private/monitor.py", "/bin/ray start",
+                 "/ray/core/src/ray/raylet/raylet", "ray::JobSupervisor")
+
+
+def _alive(pgid: int, procs: list[psutil.Process], skip: tuple[str, ...] = ()) -> bool:
+    """Any live (non-zombie) process left in the group or among the recorded processes, other than
+    those whose command line contains one of ``skip``."""
+    def counts(p: psutil.Process) -> bool:
+        if p.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return not skip or not any(s in " ".join(p.cmdline()) for s in skip)
+
     for p in procs:
         with contextlib.suppress(psutil.Error):
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+            if p.is_running() and counts(p):
                 return True
-    for proc in psutil.process_iter(["pid", "status"]):
+    for proc in psutil.process_iter(["pid"]):
         try:
-            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            if os.getpgid(proc.pid) == pgid and counts(proc):
                 return True
         except (ProcessLookupError, psutil.Error, OSError):
             continue
