@@ -204,6 +204,15 @@ def _rest_post(tracking_uri: str, endpoint: str, body: dict) -> None:
     verify_rest_response(response, endpoint)
 
 
+def _record_undelivered(run_id: str, lost_dir: str | None, rows: list[dict]) -> str:
+    """Append ``rows`` (JSON lines) to ``<lost_dir>/mlflow-undelivered-<run>.jsonl`` (default dir: tmp); its path."""
+    path = os.path.join(os.path.abspath(lost_dir or tempfile.gettempdir()), UNDELIVERED_FILE.format(run_id=run_id))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return path
+
+
 class MetricSink:
     """One run's metrics on their way to the tracking server, surviving an outage of the server.
 
@@ -296,13 +305,9 @@ class MetricSink:
             lost = self.pending
             self.pending = []
             self.lost += len(lost)
-            path = os.path.join(os.path.abspath(lost_dir or tempfile.gettempdir()),
-                                UNDELIVERED_FILE.format(run_id=self.run_id))
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "a") as f:
-                for m in lost:
-                    f.write(json.dumps({"run_id": self.run_id, "key": m.key, "value": m.value, "step": m.step,
-                                        "timestamp": m.timestamp}) + "\n")
+            path = _record_undelivered(self.run_id, lost_dir, [
+                {"run_id": self.run_id, "key": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp}
+                for m in lost])
             steps = sorted({m.step for m in lost})
             log.warning("LOST %d metric values of run %s (steps %d..%d): MLflow tracking at %s stayed unreachable; "
                         "they are written to %s", len(lost), self.run_id, steps[0], steps[-1], self.tracking_uri,
@@ -420,11 +425,8 @@ def deliver_or_report(what: str, deliver, local_path: str, lost_dir: str, wait_s
                 error = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
                 break
             time.sleep(1.0)
-    path = os.path.join(os.path.abspath(lost_dir), UNDELIVERED_FILE.format(run_id=run_id))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps({"run_id": run_id, "undelivered": what, "local_path": os.path.abspath(local_path),
-                            "error": error}) + "\n")
+    path = _record_undelivered(run_id, lost_dir, [{"run_id": run_id, "undelivered": what,
+                                                   "local_path": os.path.abspath(local_path), "error": error}])
     log.warning("NOT DELIVERED %s of run %s: MLflow tracking at %s stayed unreachable (%s); the local copy is %s "
                 "(recorded in %s)", what, run_id, mlflow.get_tracking_uri(), error, local_path, path)
     return False
