@@ -490,6 +490,31 @@ def stack_down(directory: Path = StackDirOpt):
         typer.echo(f"{name:<7} {result}")
 
 
+tracking_app = typer.Typer(help="MLflow tracking tools.", no_args_is_help=True)
+app.add_typer(tracking_app, name="tracking")
+
+
+@tracking_app.command("redeliver")
+def tracking_redeliver(file: Path = typer.Argument(..., help="An mlflow-undelivered-<run>.jsonl file (written in "
+                                                   "the output folder when the tracking server stayed down)."),
+                       tracking_uri: Optional[str] = typer.Option(
+                           None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+                           help="The MLflow store the run is on (default: $MLFLOW_TRACKING_URI, else "
+                           "sqlite:///./mlflow.db).")):
+    """Deliver the metric values, artifacts and tags a run could not deliver during an outage."""
+    from infra import tracking
+    from infra.config import TrackingConfig
+
+    _setup_logging(False)
+    if not file.is_file():
+        _fail(MaskmixError(f"{file}: no such file"))
+    result = tracking.redeliver(str(file), tracking_uri or TrackingConfig().uri)
+    typer.echo(" ".join(f"{k}={v}" for k, v in result.items()))
+    if result["left"]:
+        typer.echo(f"{result['left']} rows not delivered, kept in {file}", err=True)
+        raise typer.Exit(1)
+
+
 @app.command("dashboard")
 def dashboard(tracking_uri: Optional[str] = typer.Option(
                   None, "--tracking-uri", help="MLflow store to read (default: $MLFLOW_TRACKING_URI, else "

@@ -54,9 +54,8 @@ def run_train_stage(cfg: MaskmixConfig, progress: Callable[[str], None] = print)
         # local (this process), torchrun (N ranks on this machine) or Ray Train, by train.launch.mode
         result = launch(train_cfg, cfg.storage, cfg.ray, progress=progress)
         # The training stands even if the tracking server is down by now (see deliver_or_report).
-        tracking.deliver_or_report("tag maskmix.checkpoint",
-                                   lambda: tracking.set_tags({"maskmix.checkpoint": result.checkpoint_dir}),
-                                   result.checkpoint_dir, lost_dir=train_cfg.output_dir)
+        tracking.tag_or_report({"maskmix.checkpoint": result.checkpoint_dir}, result.checkpoint_dir,
+                               lost_dir=train_cfg.output_dir)
     return result
 
 

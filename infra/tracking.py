@@ -222,6 +222,9 @@ class MetricSink:
     SINK_RETRY_INTERVAL_S, each attempt bounded by SINK_HTTP_TIMEOUT_S), so training goes on.
     ``flush`` (end of a run) waits for the server up to a deadline; what is still undelivered
     then is written to a local JSONL file and reported lost in a warning with its count.
+
+    Delivery is at least once: a batch whose answer was lost (the server stored it, then died) is
+    kept and sent again, or written to the file. MLflow ignores a value it already has.
     """
 
     def __init__(self, run_id: str, tracking_uri: str):
@@ -310,8 +313,8 @@ class MetricSink:
                 for m in lost])
             steps = sorted({m.step for m in lost})
             log.warning("LOST %d metric values of run %s (steps %d..%d): MLflow tracking at %s stayed unreachable; "
-                        "they are written to %s", len(lost), self.run_id, steps[0], steps[-1], self.tracking_uri,
-                        path)
+                        "they are written to %s (`maskmix tracking redeliver` delivers them once it is back)",
+                        len(lost), self.run_id, steps[0], steps[-1], self.tracking_uri, path)
             return len(lost)
 
     def set_terminated(self, status: str, wait_s: float) -> bool:
@@ -399,12 +402,25 @@ def _fail_fast_http() -> Iterator[None]:
                 os.environ[k] = v
 
 
-def deliver_or_report(what: str, deliver, local_path: str, lost_dir: str, wait_s: float | None = None) -> bool:
+def upload_or_report(local_dir: str, artifact_path: str, lost_dir: str, wait_s: float | None = None) -> bool:
+    """``log_artifacts(local_dir, artifact_path)`` through an outage (see ``deliver_or_report``)."""
+    return deliver_or_report(f"artifacts {artifact_path}/", lambda: log_artifacts(local_dir, artifact_path),
+                             local_dir, lost_dir, wait_s, replay={"artifact_path": artifact_path})
+
+
+def tag_or_report(tags: dict[str, str], local_path: str, lost_dir: str, wait_s: float | None = None) -> bool:
+    """``set_tags(tags)`` through an outage (see ``deliver_or_report``); ``local_path``: what they name."""
+    return deliver_or_report("tag " + ",".join(tags), lambda: set_tags(tags), local_path, lost_dir, wait_s,
+                             replay={"tags": redact(tags)})
+
+
+def deliver_or_report(what: str, deliver, local_path: str, lost_dir: str, wait_s: float | None = None,
+                      replay: dict | None = None) -> bool:
     """Run ``deliver`` (an artifact upload or a tag of the active run, at the end of a stage) through
     an outage of the tracking server: each attempt fails fast, attempts are repeated up to the flush
     wait, and if the server stays unreachable the delivery is given up with a warning that names
-    the local copy (``local_path``), and a line in ``<lost_dir>/mlflow-undelivered-<run>.jsonl``.
-    False only when given up.
+    the local copy (``local_path``), and a line in ``<lost_dir>/mlflow-undelivered-<run>.jsonl``
+    (with ``replay``, what ``redeliver`` needs to deliver it later). False only when given up.
 
     Anything that is not an outage (a 4xx refusal, a missing local file) is raised at once: it
     would fail the same way every time.
@@ -426,10 +442,63 @@ def deliver_or_report(what: str, deliver, local_path: str, lost_dir: str, wait_s
                 break
             time.sleep(1.0)
     path = _record_undelivered(run_id, lost_dir, [{"run_id": run_id, "undelivered": what,
-                                                   "local_path": os.path.abspath(local_path), "error": error}])
+                                                   "local_path": os.path.abspath(local_path), "error": error,
+                                                   **(replay or {})}])
     log.warning("NOT DELIVERED %s of run %s: MLflow tracking at %s stayed unreachable (%s); the local copy is %s "
                 "(recorded in %s)", what, run_id, mlflow.get_tracking_uri(), error, local_path, path)
     return False
+
+
+def redeliver(path: str, tracking_uri: str) -> dict[str, int]:
+    """Deliver what an undelivered-file (``mlflow-undelivered-<run>.jsonl``) holds, once the server
+    is back: metric values, artifact folders (from their local copy) and tags, to their run.
+
+    Sending a metric value twice is harmless: a value can be in the file and on the server (the
+    server stored a batch but its answer was lost), and MLflow ignores a value it already has
+    (same key, step, timestamp and value). What still fails stays in the file (which is removed
+    once empty); returns the counts delivered and left.
+    """
+    from mlflow.entities import Metric
+
+    client = mlflow.MlflowClient(tracking_uri)
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    left: list[dict] = []
+    delivered = {"metric_values": 0, "artifacts": 0, "tags": 0}
+    metric_rows = [r for r in rows if "key" in r]
+    for run_id in sorted({r["run_id"] for r in metric_rows}):
+        of_run = [r for r in metric_rows if r["run_id"] == run_id]
+        for i in range(0, len(of_run), 1000):  # MLflow caps a batch at 1000 metrics
+            chunk = of_run[i:i + 1000]
+            try:
+                client.log_batch(run_id, metrics=[Metric(r["key"], r["value"], r["timestamp"], r["step"])
+                                                  for r in chunk])
+                delivered["metric_values"] += len(chunk)
+            except Exception as e:
+                log.warning("%d metric values of run %s not delivered: %s", len(chunk), run_id, e)
+                left.extend(chunk)
+    for row in (r for r in rows if "key" not in r):
+        try:
+            if "artifact_path" in row:
+                client.log_artifacts(row["run_id"], row["local_path"], row["artifact_path"])
+                delivered["artifacts"] += 1
+            elif "tags" in row:
+                for key, value in row["tags"].items():
+                    client.set_tag(row["run_id"], key, value)
+                delivered["tags"] += 1
+            else:
+                raise ValueError(f"no way to deliver {row.get('undelivered')!r} recorded")
+        except Exception as e:
+            log.warning("%s of run %s not delivered: %s", row.get("undelivered"), row["run_id"], e)
+            left.append(row)
+    if left:  # only what still failed stays; replaced whole, so a crash here leaves the old file
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in left)
+        os.replace(tmp, path)
+    else:
+        os.remove(path)
+    return {**delivered, "left": len(left)}
 
 
 def log_json(obj: Any, artifact_file: str) -> None:

@@ -404,9 +404,7 @@ def export_run(engine, cfg: TrainConfig, ema: WeightEMA | None, manifest: Manife
         export_model(folder, weights, info, read_tokenizer(manifest, _dirname(cfg.manifest), storage))
         # Through a tracking-server outage: retried up to the flush wait, then reported (the export
         # itself is on disk either way, and the training's result stands).
-        uploaded = tracking.deliver_or_report(f"artifacts {EXPORT_DIR}/",
-                                              lambda: tracking.log_artifacts(folder, EXPORT_DIR), folder,
-                                              lost_dir=cfg.output_dir)
+        uploaded = tracking.upload_or_report(folder, EXPORT_DIR, lost_dir=cfg.output_dir)
         if cfg.register_model and not uploaded:
             log.warning("register_model=%s: not registered, the export did not reach MLflow", cfg.register_model)
         elif cfg.register_model:

@@ -10,7 +10,10 @@ every step's metrics in ``infra.tracking.MetricSink``'s buffer, and then:
   value the trainer computed, and the run ends FINISHED;
 * (b) server not back before training ends: after a bounded wait the values are written to
   ``<output_dir>/mlflow-undelivered-<run>.jsonl`` and a warning says how many were lost; the
-  process exits 0, and the run is not marked FAILED. Server history + the local file = every step.
+  process exits 0, and the run is not marked FAILED. Server history + the local file = every step
+  (a step can be in both, with one value: delivery is at least once), and once the server is back
+  ``maskmix tracking redeliver`` puts the file's values, the export and the end tag on it, each
+  step's value once.
 
 The kill and the restart are triggered by what the processes report (a step on the server, step
 lines printed while the server is down), never by sleeping.
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -182,17 +187,36 @@ def test_metrics_reported_lost_when_server_stays_down(tmp_path):
         assert tag["local_path"].startswith(str(tmp_path / "run" / "checkpoints"))
 
         server.start()  # back after the run: what it has and what the file has
+        client = MlflowClient(server.uri)
         on_server = history(server.uri, run_id)
         in_file = {r["step"]: r["value"] for r in records if r["key"] == "train/loss"}
-        assert not set(on_server) & set(in_file)
+        # At least once: the batch sent as the server died can be stored with its answer lost, so
+        # a step may be in both places, with the same value.
+        both = set(on_server) & set(in_file)
+        assert all(on_server[s] == in_file[s] for s in both)
         assert sorted({**on_server, **in_file}) == list(range(1, STEPS + 1))
         assert [{**on_server, **in_file}[s] for s in range(1, STEPS + 1)] == result["losses"]
-        status = MlflowClient(server.uri).get_run(run_id).info.status
+        status = client.get_run(run_id).info.status
         assert status != "FAILED" and status == "RUNNING"  # the end status could not be recorded; never FAILED
-        assert MlflowClient(server.uri).list_artifacts(run_id, "export") == []
+        assert client.list_artifacts(run_id, "export") == []
+
+        # `maskmix tracking redeliver`: every value once on the server, the export and the end tag there
+        redelivered = subprocess.run([sys.executable, "-m", "infra.cli", "tracking", "redeliver", str(files[0]),
+                                      "--tracking-uri", server.uri], capture_output=True, text=True,
+                                     env=child_env(), timeout=300)
+        assert redelivered.returncode == 0, redelivered.stderr[-2000:]
+        assert f"metric_values={len(records)} artifacts=1 tags=1 left=0" in redelivered.stdout
+        assert not files[0].exists()
+        losses = client.get_metric_history(run_id, "train/loss")
+        assert sorted(m.step for m in losses) == list(range(1, STEPS + 1))  # no step twice
+        assert [m.value for m in sorted(losses, key=lambda m: m.step)] == result["losses"]
+        assert {a.path for a in client.list_artifacts(run_id, "export")} >= {"export/model.safetensors",
+                                                                            "export/config.json"}
+        assert client.get_run(run_id).data.tags["maskmix.checkpoint"] == tag["tags"]["maskmix.checkpoint"]
         print(f"\nFIGURES mlflow_outage_lost: steps={STEPS} on_server={len(on_server)} "
-              f"reported_lost_values={len(records)} lost_steps_in_file={len(in_file)} status={status} "
-              f"export_not_uploaded_kept_at={export_dir.name}/")
+              f"reported_lost_values={len(records)} lost_steps_in_file={len(in_file)} "
+              f"steps_in_both={len(both)} status={status} export_not_uploaded_kept_at={export_dir.name}/ "
+              f"redelivered_then_on_server={len(losses)}")
 
 
 def test_an_upload_through_an_outage_is_retried_then_reported_with_where_the_files_are(tmp_path, mlflow_uri, caplog):
@@ -236,3 +260,37 @@ def test_an_upload_through_an_outage_is_retried_then_reported_with_where_the_fil
         with pytest.raises(FileNotFoundError):  # a local error, not an outage: no 60 s of retries
             tracking.deliver_or_report("artifacts w/", local_error, str(tmp_path), lost_dir=str(tmp_path), wait_s=60)
         assert tracking.deliver_or_report("artifacts z/", lambda: None, str(tmp_path), lost_dir=str(tmp_path)) is True
+
+
+def test_redeliver_sends_each_value_once_even_when_the_server_already_has_some(tmp_path, mlflow_uri):
+    """The file can hold values the server stored (its answer was lost): redelivering them adds no
+    second copy. Artifacts and tags are delivered from their rows; a row that still fails stays."""
+    import mlflow
+
+    from infra import tracking
+
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "config.json").write_text("{}")
+    with mlflow.start_run() as run:
+        run_id = run.info.run_id
+        tracking.log_metrics({"train/loss": 3.0}, step=1)
+        tracking.flush_metrics(run_id)
+    stored = mlflow.MlflowClient().get_metric_history(run_id, "train/loss")[0]
+    rows = [{"run_id": run_id, "key": "train/loss", "value": 3.0, "step": 1, "timestamp": stored.timestamp},
+            {"run_id": run_id, "key": "train/loss", "value": 2.5, "step": 2, "timestamp": stored.timestamp + 1},
+            {"run_id": run_id, "undelivered": "artifacts export/", "local_path": str(tmp_path / "export"),
+             "error": "x", "artifact_path": "export"},
+            {"run_id": run_id, "undelivered": "tag maskmix.checkpoint", "local_path": "/ck", "error": "x",
+             "tags": {"maskmix.checkpoint": "/ck"}},
+            {"run_id": "0" * 32, "undelivered": "tag a", "local_path": "/a", "error": "x", "tags": {"a": "b"}}]
+    path = tmp_path / f"mlflow-undelivered-{run_id}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    result = tracking.redeliver(str(path), mlflow_uri)
+    assert result == {"metric_values": 2, "artifacts": 1, "tags": 1, "left": 1}
+    client = mlflow.MlflowClient()
+    history = client.get_metric_history(run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 3.0), (2, 2.5)]  # step 1 once
+    assert [a.path for a in client.list_artifacts(run_id, "export")] == ["export/config.json"]
+    assert client.get_run(run_id).data.tags["maskmix.checkpoint"] == "/ck"
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rows[-1:]  # the unknown run's row
