@@ -124,13 +124,26 @@ def write_corpus(root: str, hmms: dict, seq_len: int, train_docs: dict[str, int]
 # --------------------------------------------------------------------------- one proxy run (a worker)
 
 
+def _store_uri(root: str) -> str:
+    # DoReMi opens MLflow runs; keep them in the temp dir (a file store: no sqlite start-up cost).
+    return "file://" + os.path.join(root, "mlruns")
+
+
+def _make_store(root: str) -> None:
+    """Create the store once, before the workers: two of them creating it at once race on its
+    default experiment ("Yaml file .../mlruns/0/meta.yaml exists")."""
+    import mlflow
+
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    mlflow.MlflowClient(_store_uri(root)).get_experiment("0")
+
+
 def _setup_worker(root: str) -> None:
     import torch
 
     torch.set_num_threads(1)
-    # DoReMi opens MLflow runs; keep them in the temp dir (a file store: no sqlite start-up cost).
     os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
-    os.environ["MLFLOW_TRACKING_URI"] = "file://" + os.path.join(root, "mlruns")
+    os.environ["MLFLOW_TRACKING_URI"] = _store_uri(root)
     # An experiment chosen in the caller's environment belongs to the caller's store, not to this
     # fresh one (MLflow would refuse the id: "does not exist in the tracking server").
     for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
@@ -258,6 +271,7 @@ def main(argv=None) -> dict:
     caps = max_proportions(unique, steps * batch * seq_len, max_epochs) if max_epochs else None
     law_mix = double_diminishing(len(names), law_runs, caps=caps, levels=2, seed=args.seed, include_vertices=True)
 
+    _make_store(root)
     with ProcessPoolExecutor(max_workers=args.workers, initializer=_setup_worker, initargs=(root,)) as pool:
         # DoReMi first (its two runs are sequential, so it overlaps with the grid).
         doremi_futures = {ref: pool.submit(run_doremi_worker, root, paths, cfg, args.eta, 1e-3, max_epochs, ref)
