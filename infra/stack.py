@@ -75,10 +75,18 @@ class Service:
             return None
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def free_ports(n: int, exclude: set[int] = frozenset(), host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct free ports, none in ``exclude``. Each socket stays bound until all are chosen:
+    bound and closed one at a time, the OS may hand out one port twice (Ray then refuses to start:
+    "metrics_export is trying to use a port number ... used by other components")."""
+    with contextlib.ExitStack() as held:
+        ports: list[int] = []
+        while len(ports) < n:
+            s = held.enter_context(socket.socket())
+            s.bind((host, 0))
+            if s.getsockname()[1] not in exclude:
+                ports.append(s.getsockname()[1])
+        return ports
 
 
 def _answers(url: str, timeout: float = 2.0) -> bool:
@@ -114,6 +122,12 @@ class Stack:
     def __init__(self, directory: str | os.PathLike = DEFAULT_DIR):
         self.dir = Path(directory).resolve()
         self.state_path = self.dir / STATE_FILE
+        self._ports_given: set[int] = set()  # to this stack's services (some bind them only later)
+
+    def _free_ports(self, n: int) -> list[int]:
+        ports = free_ports(n, exclude=self._ports_given)
+        self._ports_given.update(ports)
+        return ports
 
     # ------------------------------------------------------------------ state
 
@@ -190,10 +204,10 @@ class Stack:
 
     def _start_ray(self, host: str, cpus: int | None, object_store_memory: int) -> Service:
         token, token_path = self._token()
-        ports = {k: free_port() for k in ("port", "dashboard-port", "dashboard-agent-listen-port",
-                                          "dashboard-agent-grpc-port", "metrics-export-port",
-                                          "runtime-env-agent-port", "node-manager-port", "object-manager-port",
-                                          "ray-client-server-port")}
+        names = ("port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                 "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port",
+                 "ray-client-server-port")
+        ports = dict(zip(names, self._free_ports(len(names))))
         # Short, private session folder: Ray's unix sockets live under it (a 107-byte path limit).
         temp_dir = tempfile.mkdtemp(prefix="mmx-ray-")
         loopback = host in ("127.0.0.1", "localhost")
@@ -220,7 +234,7 @@ class Stack:
                            token_path=token_path, gcs_address=f"{host}:{ports['port']}", temp_dir=temp_dir)
 
     def _start_mlflow(self, host: str, artifacts: str | None, storage: StorageConfig) -> Service:
-        port = free_port()
+        [port] = self._free_ports(1)
         destination = artifacts or str(self.dir / "mlartifacts")
         env = dict(os.environ)
         if destination.startswith("s3://"):
@@ -242,7 +256,7 @@ class Stack:
     def _start_dashboard(self, host: str, tracking_uri: str) -> Service:
         from dashboards.serve import command
 
-        port = free_port()
+        [port] = self._free_ports(1)
         argv, env = command(tracking_uri=tracking_uri, host=host, port=port, mlflow_ui_url=tracking_uri)
         url = f"http://{host}:{port}"
         return self._spawn("dashboard", argv, env, port, url, ready=url + "/_stcore/health")

@@ -198,3 +198,15 @@ def test_jobs_stop_stops_a_running_job(stack, pipeline_job):
     assert stopped.returncode == 0, stopped.stderr
     assert f"{job_id}: STOPPED" in stopped.stdout
     assert f"{job_id}: STOPPED" in run_maskmix(["jobs", "status", job_id], stack["root"], env).stdout
+
+
+def test_stack_ports_are_distinct_and_never_given_twice(tmp_path):
+    """Every port of a stack is distinct: Ray refuses to start when two of its components share one."""
+    from infra.stack import Stack, free_ports
+
+    ports = free_ports(200)
+    assert len(set(ports)) == 200
+    stack = Stack(tmp_path / "stack")
+    ray_ports, mlflow_port, dashboard_port = stack._free_ports(9), stack._free_ports(1), stack._free_ports(1)
+    assert len(set(ray_ports + mlflow_port + dashboard_port)) == 11
+    assert set(free_ports(20, exclude=set(ports[:100]))).isdisjoint(ports[:100])
