@@ -12,8 +12,9 @@ TORCH_PIP_ARGS ?=
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 PYTEST_ARGS ?=
 # Two pytest workers, each taking whole test files (module fixtures start Ray, MLflow or a stack
-# once per file). Much of the suite waits on process start-ups; two workers keep both cores busy
-# (CI on 2 cores: 26 min serial, 18 min this way). PYTEST_WORKERS=0 runs it serially.
+# once per file). Serially the suite leaves the cores idle 30% of the time (process start-ups);
+# with two workers they are busy 93%, but the work grows by contention, so the gain is modest
+# (2 cores: pytest 26 min 20 s serial, 23 min 34 s this way). PYTEST_WORKERS=0 runs it serially.
 PYTEST_WORKERS ?= 2
 
 .PHONY: demo test install install-dev browser clean
