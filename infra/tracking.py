@@ -456,13 +456,27 @@ def redeliver(path: str, tracking_uri: str) -> dict[str, int]:
     Sending a metric value twice is harmless: a value can be in the file and on the server (the
     server stored a batch but its answer was lost), and MLflow ignores a value it already has
     (same key, step, timestamp and value). What still fails stays in the file (which is removed
-    once empty); returns the counts delivered and left.
+    once empty); returns the counts delivered and left. Each request fails fast: a server still
+    down leaves the file as it was in seconds, not after MLflow's minutes of retries.
     """
-    from mlflow.entities import Metric
-
-    client = mlflow.MlflowClient(tracking_uri)
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
+    with _fail_fast_http():
+        left, delivered = _redeliver_rows(rows, mlflow.MlflowClient(tracking_uri))
+    if left:  # only what still failed stays; replaced whole, so a crash here leaves the old file
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in left)
+        os.replace(tmp, path)
+    else:
+        os.remove(path)
+    return {**delivered, "left": len(left)}
+
+
+def _redeliver_rows(rows: list[dict], client) -> tuple[list[dict], dict[str, int]]:
+    """Deliver the rows of an undelivered-file; (the rows that failed, the counts delivered)."""
+    from mlflow.entities import Metric
+
     left: list[dict] = []
     delivered = {"metric_values": 0, "artifacts": 0, "tags": 0}
     metric_rows = [r for r in rows if "key" in r]
@@ -491,14 +505,7 @@ def redeliver(path: str, tracking_uri: str) -> dict[str, int]:
         except Exception as e:
             log.warning("%s of run %s not delivered: %s", row.get("undelivered"), row["run_id"], e)
             left.append(row)
-    if left:  # only what still failed stays; replaced whole, so a crash here leaves the old file
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in left)
-        os.replace(tmp, path)
-    else:
-        os.remove(path)
-    return {**delivered, "left": len(left)}
+    return left, delivered
 
 
 def log_json(obj: Any, artifact_file: str) -> None:

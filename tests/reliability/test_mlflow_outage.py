@@ -294,3 +294,15 @@ def test_redeliver_sends_each_value_once_even_when_the_server_already_has_some(t
     assert [a.path for a in client.list_artifacts(run_id, "export")] == ["export/config.json"]
     assert client.get_run(run_id).data.tags["maskmix.checkpoint"] == "/ck"
     assert [json.loads(line) for line in path.read_text().splitlines()] == rows[-1:]  # the unknown run's row
+
+
+def test_redeliver_to_a_server_still_down_keeps_the_file(tmp_path):
+    from infra import tracking
+
+    rows = [{"run_id": "a" * 32, "key": "train/loss", "value": 1.0, "step": s, "timestamp": s} for s in (1, 2)]
+    rows.append({"run_id": "a" * 32, "undelivered": "tag t", "local_path": "/x", "error": "x", "tags": {"t": "1"}})
+    path = tmp_path / "mlflow-undelivered-x.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = tracking.redeliver(str(path), f"http://127.0.0.1:{free_port()}")
+    assert result == {"metric_values": 0, "artifacts": 0, "tags": 0, "left": 3}
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rows
