@@ -14,7 +14,8 @@ PYTEST_ARGS ?=
 # Two pytest workers, each taking whole test files (module fixtures start Ray, MLflow or a stack
 # once per file). Serially the suite leaves the cores idle 30% of the time (process start-ups);
 # with two workers they are busy 93%, but the work grows by contention, so the gain is modest
-# (2 cores: pytest 26 min 20 s serial, 23 min 34 s this way). PYTEST_WORKERS=0 runs it serially.
+# (2 cores, clean clones: pytest 25-27 min serial, 23.5-26 min this way; the load test is the
+# long pole). PYTEST_WORKERS=0 runs it serially.
 PYTEST_WORKERS ?= 2
 
 .PHONY: demo test install install-dev browser clean
