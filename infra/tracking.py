@@ -164,6 +164,7 @@ SINK_RETRY_INTERVAL_S = 5.0  # while values wait, a new delivery is tried at mos
 FLUSH_WAIT_ENV = "MASKMIX_MLFLOW_FLUSH_WAIT_S"  # how long the end of a run waits for the server (s)
 DEFAULT_FLUSH_WAIT_S = 60.0
 UNDELIVERED_FILE = "mlflow-undelivered-{run_id}.jsonl"
+MAX_BATCH_METRICS = 1000  # MLflow refuses a log-batch request with more metrics than this
 _LOG_BATCH = "/api/2.0/mlflow/runs/log-batch"
 _UPDATE_RUN = "/api/2.0/mlflow/runs/update"
 
@@ -205,7 +206,11 @@ def _rest_post(tracking_uri: str, endpoint: str, body: dict) -> None:
 
 
 def _record_undelivered(run_id: str, lost_dir: str | None, rows: list[dict]) -> str:
-    """Append ``rows`` (JSON lines) to ``<lost_dir>/mlflow-undelivered-<run>.jsonl`` (default dir: tmp); its path."""
+    """Append ``rows`` (JSON lines) to ``<lost_dir>/mlflow-undelivered-<run>.jsonl`` (default dir: tmp); its path.
+
+    A row is a metric value (run_id, key, value, step, timestamp) or an undelivered artifact folder
+    or tag set (run_id, undelivered, local_path, error, and artifact_path or tags): what
+    ``redeliver`` replays."""
     path = os.path.join(os.path.abspath(lost_dir or tempfile.gettempdir()), UNDELIVERED_FILE.format(run_id=run_id))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a") as f:
@@ -217,7 +222,7 @@ class MetricSink:
     """One run's metrics on their way to the tracking server, surviving an outage of the server.
 
     ``log`` appends the values (each with its step and the time it was logged) and delivers
-    everything pending in one log-batch request per 1000 values. If the server does not answer,
+    everything pending in one log-batch request per MAX_BATCH_METRICS values. If the server does not answer,
     the values stay pending, one warning says so, and later ``log`` calls retry (at most every
     SINK_RETRY_INTERVAL_S, each attempt bounded by SINK_HTTP_TIMEOUT_S), so training goes on.
     ``flush`` (end of a run) waits for the server up to a deadline; what is still undelivered
@@ -267,7 +272,7 @@ class MetricSink:
         backlog = len(self.pending)
         try:
             while self.pending:
-                chunk = self.pending[:1000]  # MLflow caps a batch at 1000 metrics
+                chunk = self.pending[:MAX_BATCH_METRICS]
                 try:
                     self._send(chunk)
                 except Exception as e:
@@ -482,8 +487,8 @@ def _redeliver_rows(rows: list[dict], client) -> tuple[list[dict], dict[str, int
     metric_rows = [r for r in rows if "key" in r]
     for run_id in sorted({r["run_id"] for r in metric_rows}):
         of_run = [r for r in metric_rows if r["run_id"] == run_id]
-        for i in range(0, len(of_run), 1000):  # MLflow caps a batch at 1000 metrics
-            chunk = of_run[i:i + 1000]
+        for i in range(0, len(of_run), MAX_BATCH_METRICS):
+            chunk = of_run[i:i + MAX_BATCH_METRICS]
             try:
                 client.log_batch(run_id, metrics=[Metric(r["key"], r["value"], r["timestamp"], r["step"])
                                                   for r in chunk])
