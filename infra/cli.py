@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -55,7 +56,12 @@ def _setup_logging(verbose: bool) -> None:
 
 def _load(config: Optional[Path], overrides: Optional[list[str]]):
     from infra import tracking
-    from infra.config import load_config
+    from infra.config import RESOLVED_ENV, load_config
+
+    if os.environ.get(RESOLVED_ENV) == "1":  # a submitted job: its compiled kernels first (infra/jobs.py)
+        from infra.jobs import install_compile_cache
+
+        install_compile_cache()
 
     cfg = load_config(config, overrides or [])
     for secret in (cfg.storage.access_key_id, cfg.storage.secret_access_key, cfg.storage.session_token):

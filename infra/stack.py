@@ -48,6 +48,15 @@ DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MAST
                    "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
 STATE_FILE = "stack.json"
 TOKEN_FILE = "ray_auth_token"
+# Ray kills an idle worker after 1 s once the node has more worker processes than CPUs, and
+# every submitted job's JobSupervisor actor counts: with a few jobs on a small head, a job's
+# Ray Data worker was killed in each pause between two stages (the driver writing a checkpoint,
+# deduplicating or training a tokenizer) and the next stage started a new one, 2.5-5 CPU s each
+# (Python, Ray, pyarrow, the stage's modules). Six small pipeline jobs at once started 106
+# processes and spent 489 CPU s (328 s wall on 2 cores); with a 60 s grace, 28 processes,
+# 130 CPU s, 96 s. A job's workers still end with the job; an idle one holds memory, not CPU.
+IDLE_WORKER_GRACE_MS = 60_000
+RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": IDLE_WORKER_GRACE_MS}
 
 
 class StackError(MaskmixError):
@@ -226,7 +235,8 @@ class Stack:
                f"--temp-dir={temp_dir}", *[f"--{k}={v}" for k, v in ports.items()],
                # Ray's default object store takes 30% of RAM as shared memory: sized for a dedicated
                # node, not for a laptop that also runs the jobs' drivers.
-               f"--object-store-memory={object_store_memory}"]
+               f"--object-store-memory={object_store_memory}",
+               f"--system-config={json.dumps(RAY_SYSTEM_CONFIG, sort_keys=True)}"]
         if cpus:
             cmd.append(f"--num-cpus={cpus}")
         url = f"http://{host}:{ports['dashboard-port']}"

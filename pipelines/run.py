@@ -44,7 +44,6 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from infra import tracking
 from infra.cluster import ensure_ray
 from infra.config import PipelineConfig, RayConfig, StorageConfig
 from infra.contracts import (
@@ -63,6 +62,24 @@ from pipelines.stage_store import STAGES, StageMarker, StageStore, fingerprint, 
 from pipelines.tokenize import special_ids, tokenize_batch, tokenizer_sha256, train_tokenizer
 
 log = logging.getLogger(__name__)
+
+
+class _Tracking:
+    """``infra.tracking``, imported when the driver first uses it.
+
+    Every Ray worker that runs one of this module's batch functions imports this module, and
+    infra.tracking imports MLflow (~1.6 of the ~2 CPU s the import cost a worker); only the
+    driver tracks. On a busy cluster a job starts a worker per stage or more, so a small job paid
+    for MLflow in each one.
+    """
+
+    def __getattr__(self, name: str):
+        from infra import tracking as module
+
+        return getattr(module, name)
+
+
+tracking = _Tracking()
 
 PARSED_SCHEMA = pa.schema([pa.field(c, pa.string()) for c in ROW_COLUMNS])
 MARK_COLUMNS = ("drop_reason", "drop_detail")

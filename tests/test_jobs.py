@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from infra.config import load_config
-from infra.jobs import CONFIG_IN_JOB, PACKAGES, JobError, job_config, resolve_token, stage_working_dir, \
-    submission_id, submit
+from infra.jobs import COMPILE_CACHE_IN_JOB, CONFIG_IN_JOB, PACKAGES, JobError, install_compile_cache, job_config, \
+    project_root, resolve_token, stage_working_dir, submission_id, submit
 
 
 def _config(tmp_path, text: str):
@@ -56,6 +56,35 @@ def test_working_dir_holds_the_packages_and_the_config(tmp_path):
     assert yaml.safe_load((tmp_path / "wd" / CONFIG_IN_JOB).read_text())["train"]["manifest"] == "/m.json"
     assert not list((tmp_path / "wd").rglob("__pycache__")) and not list((tmp_path / "wd").rglob("*.so"))
     assert (tmp_path / "wd" / "infra" / "cli.py").exists() and dest == str(tmp_path / "wd")
+
+
+def test_a_job_carries_the_numba_cache_and_its_driver_puts_it_back(tmp_path):
+    # What the submitter compiled rides along outside any __pycache__ (see the test above): numba
+    # files only, one folder per source folder.
+    stage_working_dir({"train": {}}, str(tmp_path / "wd"))
+    shipped = tmp_path / "wd" / COMPILE_CACHE_IN_JOB
+    carried = [p for p in shipped.rglob("*") if p.is_file()] if shipped.exists() else []
+    assert all(p.suffix in (".nbi", ".nbc") for p in carried)
+    for p in carried:
+        assert (project_root() / p.parent.relative_to(shipped) / "__pycache__" / p.name).is_file()
+
+    # On the cluster: each file goes to <folder>/__pycache__ of the job's copy; one already there is kept.
+    wd = tmp_path / "job"
+    (wd / COMPILE_CACHE_IN_JOB / "pipelines" / "filters").mkdir(parents=True)
+    (wd / COMPILE_CACHE_IN_JOB / "elsewhere").mkdir(parents=True)
+    (wd / "pipelines" / "filters").mkdir(parents=True)
+    (wd / "pipelines" / "__pycache__").mkdir()
+    (wd / COMPILE_CACHE_IN_JOB / "pipelines" / "minhash.f-1.py311.nbi").write_bytes(b"index")
+    (wd / COMPILE_CACHE_IN_JOB / "pipelines" / "minhash.f-1.py311.1.nbc").write_bytes(b"code")
+    (wd / COMPILE_CACHE_IN_JOB / "pipelines" / "filters" / "c4.g-2.py311.nbi").write_bytes(b"index2")
+    (wd / COMPILE_CACHE_IN_JOB / "elsewhere" / "x.h-3.py311.nbi").write_bytes(b"no such source folder")
+    (wd / "pipelines" / "__pycache__" / "minhash.f-1.py311.1.nbc").write_bytes(b"fresher")
+    assert install_compile_cache(wd) == 2
+    assert (wd / "pipelines" / "__pycache__" / "minhash.f-1.py311.nbi").read_bytes() == b"index"
+    assert (wd / "pipelines" / "__pycache__" / "minhash.f-1.py311.1.nbc").read_bytes() == b"fresher"
+    assert (wd / "pipelines" / "filters" / "__pycache__" / "c4.g-2.py311.nbi").read_bytes() == b"index2"
+    assert not (wd / "elsewhere").exists()
+    assert install_compile_cache(wd) == 0 and install_compile_cache(tmp_path / "not-a-job") == 0
 
 
 def test_submission_id_is_readable_and_unique_per_config():

@@ -25,8 +25,9 @@ from tests.training_fixtures import write_tiny_corpus
 
 pytestmark = [pytest.mark.slow]
 
-# A pipeline job costs about 4x a training job on one small head (each job starts its own Ray Data
-# workers): with 10 + 10 the run took 523 s, a pipeline job ~510 s of it and a training job ~130 s.
+# A pipeline job cost about 4x a training job on one small head while the head killed each job's
+# idle Ray Data workers between stages and every stage started new ones (10 + 10: 523 s); with the
+# stack's idle-worker grace (infra/stack.py) a job keeps one worker and 6 + 14 take ~430 CPU s.
 N_PIPELINES, N_TRAININGS = 6, 14
 
 
