@@ -1,14 +1,26 @@
 #!/usr/bin/env python
 """Mixture optimizers on data with a known answer: regret of uniform, natural, DoReMi and the mixing law.
 
-Four training domains, each a synthetic HMM over the same 24 symbols (pipelines.synthetic),
-written DIRECTLY as token-id shards (ids 0..23 the symbols, 24 pad, 25 mask; one document per
-sequence, as tests/test_training_hmm.py) into a temporary manifest:
+Four training domains, each a synthetic HMM (pipelines.synthetic), written DIRECTLY as token-id
+shards (the symbols first, then pad and mask; one document per sequence, as
+tests/test_training_hmm.py) into a temporary manifest:
 
 * ``markov``   - a sharp (learnable) HMM, plenty of documents;
 * ``noise``    - a near-uniform HMM (high Dirichlet concentration): almost nothing to learn;
 * ``small``    - another sharp HMM with few documents, so any real weight on it repeats them;
 * ``transfer`` - a close perturbation of the TARGET HMM (its rows mixed with a little noise).
+
+Two scenarios (``--scenario``, make_domains):
+
+* ``banded`` (default): each domain emits its own 16 symbols (transfer and the target share one
+  band), so a document's domain shows in any of its tokens, as real domains show in their
+  vocabulary and style. Near-random text is then cheap to learn (a near-uniform guess over its
+  band), which is what DoReMi's excess loss assumes of a high-entropy domain.
+* ``shared``: every domain emits the same 24 symbols, so the domain of a document is only a
+  statistical guess. The model's guess for near-random documents drifts towards the sharp domains'
+  statistics whenever it sees them less, so Group DRO keeps giving them weight (measured: about
+  the reference's share), and the domains interfere, which makes the target's optimum (pure
+  ``transfer``) far from uniform.
 
 The target is the validation loss (NELBO, nats/token, training.evaluate) on documents of the
 target HMM, which no training domain holds; average and worst-domain loss are over the
@@ -28,8 +40,10 @@ in anyone's budget (it is the answer key). A method can come out slightly below 
 
 DoReMi runs twice, with its default reference (natural proportions: row ``doremi``) and with a
 uniform reference (``doremi_uniform_ref``; the paper's choice for GLaM, whose domains differ in
-size as these do). ``--states`` sets the hidden states of every HMM (default 4; 8 makes the
-learnable domains harder, so their losses depend more on the mixture).
+size as these do). ``--states`` sets the hidden states of every HMM (default 8: with 4, a learnable
+domain's own loss hardly improves beyond a quarter of the tokens, so no mixture can beat another
+on it; with 8 its loss falls 1.67 -> 1.56 -> 1.50 -> 1.42 nats/token at 0.1/0.25/0.5/1 of the
+tokens, banded scenario, seed 0).
 
 Repetition cap (``--max-epochs``, default 32; 0 turns it off): DoReMi's Group-DRO weights stay
 inside the capped simplex (KL projection every step, DoReMiConfig.max_epochs) and the law's sweep
@@ -37,14 +51,17 @@ mixtures and optimizer use the same caps, min(1, max_epochs·U_i/D) with D = ste
 seq_len, the tokens of the very run each chosen mixture is scored with. The grid and the
 baselines are not capped. Why 32 and not the autoregressive ~4: masked-diffusion models gain from
 far more repetition (R_D* ≈ 500 vs ≈ 15 for AR, Prabhudesai et al. 2025), and here too: the
-``small`` domain's own loss is 0.56 nats/token at 4 epochs and 0.47 at 25 (uniform's share), so a
-4-epoch cap forbade the methods the very mixtures that win on average loss. The law's sweep
-always holds the pure single-domain runs the caps allow (LawsConfig.include_vertices).
+``small`` domain's own loss is 0.56 nats/token at 4 epochs and 0.47 at 25 (uniform's share; shared
+scenario, 4 states), so a 4-epoch cap forbade the methods the very mixtures that win on average
+loss. The law's sweep always holds the pure single-domain runs the caps allow (LawsConfig.include_vertices).
 
     python bench/mixing_known_optimum.py            # grid 1/4 (35 runs), 300 steps
     python bench/mixing_known_optimum.py --quick    # grid 1/2 (10 runs), 80 steps (< 1 min on 2 cores)
     python bench/mixing_known_optimum.py --quick --tiny   # seconds: a smoke test only
-Ends with one JSON line: bench, regret, gap_uniform_to_optimum, budget, optimum_weights,
+    python bench/mixing_known_optimum.py --seeds 3        # three seeds, methods minus uniform paired by seed
+Ends with one JSON line (with --seeds N > 1: scenario, seeds, mean regret, mean gap, budget,
+versus_uniform {method: {target_loss|average_loss|worst_loss: mean, sd, below_uniform, per_seed}}
+and runs, each one seed's line as below). One seed: bench, scenario, regret, gap_uniform_to_optimum, budget, optimum_weights,
 weights, target_loss, average_loss, worst_loss (learnable domains), average_loss_all_domains,
 worst_loss_all_domains (every training domain, the DoReMi paper's view; per method), wall_s.
 """
@@ -65,8 +82,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-N_SYMBOLS, N_STATES = 24, 4
-PAD, MASK = N_SYMBOLS, N_SYMBOLS + 1
+N_SYMBOLS, N_STATES = 24, 8  # the shared scenario's alphabet; hidden states of every HMM
+BAND = 16  # symbols per domain in the banded scenario
+SCENARIOS = ("banded", "shared")
 DOMAINS = ("markov", "noise", "small", "transfer")
 LEARNABLE = ("markov", "small", "transfer")
 
@@ -74,40 +92,62 @@ LEARNABLE = ("markov", "small", "transfer")
 # --------------------------------------------------------------------------- the corpus
 
 
-def make_hmms(seed: int, n_states: int = N_STATES) -> dict:
+def make_domains(seed: int, n_states: int = N_STATES, scenario: str = "banded") -> tuple[dict, dict, int]:
+    """(HMM per domain, token-id offset per domain, symbols in all) for a scenario.
+
+    ``shared``: every HMM emits the same N_SYMBOLS ids, so a document's domain is only a guess
+    from its statistics. ``banded``: each domain emits its own BAND ids (transfer and target share
+    one band), so a domain is recognisable from any of its tokens, as real domains are from their
+    vocabulary and style; the four HMMs are the same draws as in ``shared`` but over BAND symbols.
+    """
+    if scenario not in SCENARIOS:
+        raise ValueError(f"scenario must be one of {SCENARIOS}, got {scenario!r}")
+    symbols = N_SYMBOLS if scenario == "shared" else BAND
+    hmms = make_hmms(seed, n_states, symbols)
+    if scenario == "shared":
+        return hmms, {name: 0 for name in hmms}, N_SYMBOLS
+    band = {"markov": 0, "noise": 1, "small": 2, "transfer": 3, "target": 3}
+    return hmms, {name: BAND * band[name] for name in hmms}, BAND * 4
+
+
+def make_hmms(seed: int, n_states: int = N_STATES, n_symbols: int = N_SYMBOLS) -> dict:
     from pipelines.synthetic import HMM
 
     rng = np.random.default_rng(seed)
-    target = HMM.random(n_states, N_SYMBOLS, rng, concentration=0.05)
-    other = HMM.random(n_states, N_SYMBOLS, rng, concentration=0.5)
+    target = HMM.random(n_states, n_symbols, rng, concentration=0.05)
+    other = HMM.random(n_states, n_symbols, rng, concentration=0.5)
 
     def perturb(h, eps):  # rows stay distributions: (1-eps)·row + eps·(random row)
         return HMM(initial=(1 - eps) * h.initial + eps * other.initial,
                    transition=(1 - eps) * h.transition + eps * other.transition,
                    emission=(1 - eps) * h.emission + eps * other.emission)
 
-    return {"markov": HMM.random(n_states, N_SYMBOLS, rng, concentration=0.05),
-            "noise": HMM.random(n_states, N_SYMBOLS, rng, concentration=50.0),
-            "small": HMM.random(n_states, N_SYMBOLS, rng, concentration=0.05),
+    return {"markov": HMM.random(n_states, n_symbols, rng, concentration=0.05),
+            "noise": HMM.random(n_states, n_symbols, rng, concentration=50.0),
+            "small": HMM.random(n_states, n_symbols, rng, concentration=0.05),
             "transfer": perturb(target, 0.15),
             "target": target}
 
 
-def write_corpus(root: str, hmms: dict, seq_len: int, train_docs: dict[str, int], eval_docs: int, seed: int):
-    """Shards + manifests under ``root``: the training manifest (4 domains) and the target's (validation only)."""
+def write_corpus(root: str, domains: tuple[dict, dict, int], seq_len: int, train_docs: dict[str, int],
+                 eval_docs: int, seed: int):
+    """Shards + manifests under ``root``: the training manifest (4 domains) and the target's (validation only).
+
+    ``domains``: make_domains' (HMMs, offsets, symbols); ids 0..symbols-1 are the symbols, then pad, mask."""
+    hmms, offsets, n_symbols = domains
     from infra.contracts import DomainShards, Manifest, TokenizerInfo, write_artifact
     from tests.training_fixtures import write_shard
 
     rng = np.random.default_rng(seed + 1)
-    tokenizer = TokenizerInfo(path="tokenizer.json", sha256="0" * 64, vocab_size=N_SYMBOLS + 2,
-                              special_ids={"pad": PAD, "mask": MASK})
+    tokenizer = TokenizerInfo(path="tokenizer.json", sha256="0" * 64, vocab_size=n_symbols + 2,
+                              special_ids={"pad": n_symbols, "mask": n_symbols + 1})
     shards: dict[str, list] = {}
     for name, hmm in hmms.items():
         layout = [("validation", "validation-00000", eval_docs)]
         if name != "target":
             layout.insert(0, ("train", "part-00000", train_docs[name]))
         for split, stem, n in layout:
-            docs = np.stack([hmm.sample(seq_len, rng) for _ in range(n)])
+            docs = np.stack([hmm.sample(seq_len, rng) for _ in range(n)]) + offsets[name]
             rel = f"shards/{name}/{stem}.parquet"
             info = write_shard(os.path.join(root, rel), docs.tolist(), [f"{name}-{split}-{i}" for i in range(n)],
                                bytes_per_token=1)
@@ -227,13 +267,55 @@ def main(argv=None) -> dict:
                         help="repetition cap for DoReMi and the law (0: none)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="repeat the whole bench for seeds --seed .. --seed+N-1 (new HMMs, data and runs each) "
+                             "and report every method minus uniform, paired by seed: one run's differences are "
+                             "within its noise (target ci95 ~±0.02)")
+    parser.add_argument("--scenario", choices=SCENARIOS, default="banded",
+                        help="banded: each domain its own symbols; shared: one alphabet for all (see make_domains)")
     parser.add_argument("--states", type=int, default=N_STATES, help="hidden states of every domain's HMM")
     parser.add_argument("--eta", type=float, default=1.0, help="DoReMi's step size η (paper: 1)")
     parser.add_argument("--cache", help="folder of finished proxy runs (JSON per run, keyed by corpus, config "
                                         "and weights): a re-run of the bench reuses them instead of retraining")
     parser.add_argument("--dump", help="write every run (grid, law sweep, chosen mixtures) to this JSON file")
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
+    if args.seeds == 1:
+        out = run_bench(args)
+    else:
+        out = across_seeds([run_bench(argparse.Namespace(**{**vars(args), "seed": args.seed + i,
+                                                             "dump": args.dump and f"{args.dump}.seed{args.seed + i}"}))
+                            for i in range(args.seeds)])
+    print(json.dumps(out))
+    return out
 
+
+def across_seeds(runs: list[dict]) -> dict:
+    """The runs' figures side by side: mean regret, and each method minus uniform paired by seed."""
+    methods = list(runs[0]["regret"])
+    versus = {}
+    for m in methods:
+        versus[m] = {}
+        for key in ("target_loss", "average_loss", "worst_loss"):
+            diff = np.array([r[key][m] - r[key]["uniform"] for r in runs])
+            versus[m][key] = {"mean": float(diff.mean()), "sd": float(diff.std(ddof=1)),
+                              "below_uniform": int((diff < 0).sum()), "per_seed": diff.tolist()}
+    print(f"\n{len(runs)} seeds {[r['seed'] for r in runs]}: method minus uniform, paired by seed "
+          f"(mean ± sd; below uniform in how many seeds)")
+    print(f"{'method':<18} " + " ".join(f"{k:>26}" for k in ("target", "average", "worst")))
+    for m in methods:
+        cells = [f"{v['mean']:+.4f} ± {v['sd']:.4f} ({v['below_uniform']}/{len(runs)})" for v in versus[m].values()]
+        print(f"{m:<18} " + " ".join(f"{c:>26}" for c in cells))
+    return {"bench": "mixing_known_optimum", "scenario": runs[0]["scenario"], "seeds": [r["seed"] for r in runs],
+            "regret": {m: float(np.mean([r["regret"][m] for r in runs])) for m in methods},
+            "gap_uniform_to_optimum": float(np.mean([r["gap_uniform_to_optimum"] for r in runs])),
+            "budget": runs[0]["budget"], "versus_uniform": versus, "runs": runs,
+            "wall_s": float(sum(r["wall_s"] for r in runs))}
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    """One seed of the bench: prints its table and returns its summary (the JSON of a one-seed run)."""
     if args.tiny:
         grid, steps, law_runs, seq_len, batch, eval_docs, mc = 1, 6, 5, 32, 8, 8, 1
         train_docs = {"markov": 64, "noise": 64, "small": 4, "transfer": 64}
@@ -251,6 +333,8 @@ def main(argv=None) -> dict:
                eval_docs_per_domain=eval_docs, mc_samples=mc)
 
     corpus_key = {"seed": args.seed, "states": args.states, "train_docs": train_docs, "eval_docs": eval_docs, "seq_len": seq_len}
+    if args.scenario != "shared":  # caches written before scenarios existed hold shared runs
+        corpus_key["scenario"] = args.scenario
     started = time.perf_counter()
     root = tempfile.mkdtemp(prefix="mixing_known_optimum_")
     _setup_worker(root)
@@ -260,7 +344,7 @@ def main(argv=None) -> dict:
     from mixing.repetition import max_proportions
     from mixing.sampling import double_diminishing
 
-    paths = write_corpus(root, make_hmms(args.seed, args.states), seq_len, train_docs, eval_docs, args.seed)
+    paths = write_corpus(root, make_domains(args.seed, args.states, args.scenario), seq_len, train_docs, eval_docs, args.seed)
     manifest = load_manifest(paths["train"])
     names = manifest.domain_names()
     as_dict = lambda r: {d: float(r[i]) for i, d in enumerate(names)}  # noqa: E731
@@ -316,7 +400,8 @@ def main(argv=None) -> dict:
     optimum_loss = results["optimum"]["target"]
     regret = {m: r["target"] - optimum_loss for m, r in results.items()}
 
-    print(f"{len(grid_runs)} grid runs at 1/{grid}, {steps} steps each; law sweep {len(law_mix)} runs; "
+    print(f"{args.scenario} scenario, seed {args.seed}: "
+          f"{len(grid_runs)} grid runs at 1/{grid}, {steps} steps each; law sweep {len(law_mix)} runs; "
           f"target = validation NELBO on the target HMM (nats/token)")
     print(f"{'method':<18} {'target':>7} {'regret':>8} {'average':>8} {'worst':>7} {'avg_all':>8} {'worst_all':>9} "
           f"{'budget':>7}  weights " + "/".join(names))
@@ -346,13 +431,13 @@ def main(argv=None) -> dict:
            "worst_loss": {m: r["worst"] for m, r in results.items()},
            "average_loss_all_domains": {m: r["average_all"] for m, r in results.items()},
            "worst_loss_all_domains": {m: r["worst_all"] for m, r in results.items()},
-           "grid_runs": len(grid_runs), "grid_resolution": grid, "steps": steps, "seed": args.seed,
+           "scenario": args.scenario, "grid_runs": len(grid_runs), "grid_resolution": grid, "steps": steps,
+           "seed": args.seed,
            "max_epochs": max_epochs, "caps": None if caps is None else as_dict(caps), "doremi_eta": args.eta,
            "wall_s": time.perf_counter() - started}
     if args.dump:
         with open(args.dump, "w") as f:
             json.dump({"grid": grid_runs, "law_sweep": law_sweep, "results": results, "summary": out}, f)
-    print(json.dumps(out))
     return out
 
 

@@ -8,19 +8,58 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("optimum", "uniform", "natural", "doremi", "doremi_uniform_ref", "mixing_law", "mixing_law_avg")
 
 
+def _bench_module():
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    try:
+        import mixing_known_optimum
+    finally:
+        sys.path.pop(0)
+    return mixing_known_optimum
+
+
+def test_banded_domains_emit_only_their_own_band_and_transfer_shares_the_targets(tmp_path):
+    import pyarrow.parquet as pq
+
+    bench = _bench_module()
+    hmms, offsets, n_symbols = bench.make_domains(0, 4, "banded")
+    paths = bench.write_corpus(str(tmp_path), (hmms, offsets, n_symbols), 16,
+                               {"markov": 8, "noise": 8, "small": 2, "transfer": 8}, 4, 0)
+    seen = {}
+    for shard in tmp_path.glob("shards/*/*.parquet"):
+        ids = np.concatenate(pq.read_table(shard).column("input_ids").to_numpy(zero_copy_only=False))
+        name = shard.parent.name
+        seen[name] = seen.get(name, set()) | set(ids.tolist())
+    bands = {name: set(range(offsets[name], offsets[name] + bench.BAND)) for name in seen}
+    for name, ids in seen.items():
+        assert ids <= bands[name], name
+    assert bands["transfer"] == bands["target"]
+    others = [bands[d] for d in ("markov", "noise", "small", "transfer")]
+    assert all(not (a & b) for i, a in enumerate(others) for b in others[i + 1:])  # disjoint bands
+    manifest = json.loads(open(paths["train"]).read())
+    assert manifest["tokenizer"]["vocab_size"] == n_symbols + 2 == 4 * bench.BAND + 2
+    assert manifest["tokenizer"]["special_ids"] == {"pad": n_symbols, "mask": n_symbols + 1}
+
+    hmms, offsets, n_symbols = bench.make_domains(0, 4, "shared")
+    assert set(offsets.values()) == {0} and n_symbols == bench.N_SYMBOLS
+    with pytest.raises(ValueError, match="scenario"):
+        bench.make_domains(0, 4, "nonsense")
+
+
 @pytest.mark.slow
-def test_mixing_known_optimum_tiny_prints_its_json():
-    result = subprocess.run([sys.executable, "bench/mixing_known_optimum.py", "--quick", "--tiny"], cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("scenario", ["banded", "shared"])
+def test_mixing_known_optimum_tiny_prints_its_json(scenario):
+    result = subprocess.run([sys.executable, "bench/mixing_known_optimum.py", "--quick", "--tiny",
+                             "--scenario", scenario], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert out["bench"] == "mixing_known_optimum"
+    assert out["bench"] == "mixing_known_optimum" and out["scenario"] == scenario
     for key in ("regret", "gap_uniform_to_optimum", "budget", "optimum_weights", "weights"):
         assert key in out, key
     assert set(out["regret"]) == set(METHODS) and set(out["budget"]) == set(METHODS)
@@ -35,3 +74,22 @@ def test_mixing_known_optimum_tiny_prints_its_json():
     for weights in [out["optimum_weights"], *out["weights"].values()]:
         assert sum(weights.values()) == pytest.approx(1.0, abs=1e-6)
         assert min(weights.values()) >= -1e-9
+
+
+def test_across_seeds_pairs_each_method_with_uniform_by_seed():
+    bench = _bench_module()
+
+    def run(seed, uniform, doremi):
+        losses = {"optimum": 1.0, "uniform": uniform, "doremi": doremi}
+        return {"seed": seed, "scenario": "banded", "wall_s": 1.0, "budget": {"optimum": 0, "uniform": 0, "doremi": 600},
+                "gap_uniform_to_optimum": uniform - 1.0, "regret": {m: v - 1.0 for m, v in losses.items()},
+                "target_loss": losses, "average_loss": losses, "worst_loss": {m: v + 1 for m, v in losses.items()}}
+
+    out = bench.across_seeds([run(0, 2.0, 1.9), run(1, 3.0, 3.2), run(2, 2.5, 2.4)])
+    diff = out["versus_uniform"]["doremi"]["average_loss"]
+    assert diff["per_seed"] == pytest.approx([-0.1, 0.2, -0.1])  # paired: each seed's own uniform
+    assert diff["mean"] == pytest.approx(0.0) and diff["sd"] == pytest.approx(np.std([-0.1, 0.2, -0.1], ddof=1))
+    assert diff["below_uniform"] == 2
+    assert out["versus_uniform"]["uniform"]["worst_loss"]["below_uniform"] == 0
+    assert out["regret"]["doremi"] == pytest.approx((0.9 + 2.2 + 1.4) / 3)
+    assert out["gap_uniform_to_optimum"] == pytest.approx(1.5) and out["seeds"] == [0, 1, 2]
