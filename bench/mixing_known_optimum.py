@@ -61,9 +61,10 @@ loss. The law's sweep always holds the pure single-domain runs the caps allow (L
     python bench/mixing_known_optimum.py --seeds 3        # three seeds, methods minus uniform paired by seed
 Ends with one JSON line (with --seeds N > 1: scenario, seeds, mean regret, mean gap, budget,
 versus_uniform {method: {target_loss|average_loss|worst_loss: mean, sd, below_uniform, per_seed}}
-and runs, each one seed's line as below). One seed: bench, scenario, regret, gap_uniform_to_optimum, budget, optimum_weights,
-weights, target_loss, average_loss, worst_loss (learnable domains), average_loss_all_domains,
-worst_loss_all_domains (every training domain, the DoReMi paper's view; per method), wall_s.
+and runs, each one seed's line as below). One seed: bench, scenario, regret, gap_uniform_to_optimum,
+budget, optimum_weights, weights, target_loss, average_loss, worst_loss (learnable domains),
+average_loss_all_domains, worst_loss_all_domains (every training domain, the DoReMi paper's view;
+per method), wall_s.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def make_domains(seed: int, n_states: int = N_STATES, scenario: str = "banded") 
     ``shared``: every HMM emits the same N_SYMBOLS ids, so a document's domain is only a guess
     from its statistics. ``banded``: each domain emits its own BAND ids (transfer and target share
     one band), so a domain is recognisable from any of its tokens, as real domains are from their
-    vocabulary and style; the four HMMs are the same draws as in ``shared`` but over BAND symbols.
+    vocabulary and style; its HMMs are drawn as in ``shared`` (same seed, same sharpness), over BAND symbols.
     """
     if scenario not in SCENARIOS:
         raise ValueError(f"scenario must be one of {SCENARIOS}, got {scenario!r}")
