@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Mixture optimizers on data with a known answer: regret of uniform, natural, DoReMi and the mixing law.
 
-Four training domains, each a synthetic HMM (pipelines.synthetic), written DIRECTLY as token-id
+Four training domains (five in ``junk``), each a synthetic HMM (pipelines.synthetic), written DIRECTLY as token-id
 shards (the symbols first, then pad and mask; one document per sequence, as
 tests/test_training_hmm.py) into a temporary manifest:
 
@@ -10,12 +10,15 @@ tests/test_training_hmm.py) into a temporary manifest:
 * ``small``    - another sharp HMM with few documents, so any real weight on it repeats them;
 * ``transfer`` - a close perturbation of the TARGET HMM (its rows mixed with a little noise).
 
-Two scenarios (``--scenario``, make_domains):
+Three scenarios (``--scenario``, make_domains):
 
 * ``banded`` (default): each domain emits its own 16 symbols (transfer and the target share one
   band), so a document's domain shows in any of its tokens, as real domains show in their
   vocabulary and style. Near-random text is then cheap to learn (a near-uniform guess over its
   band), which is what DoReMi's excess loss assumes of a high-entropy domain.
+* ``junk``: banded plus a fifth domain, a second near-random HMM in its own band (as many
+  documents as ``noise``), so uniform spends 40% of the tokens on text with nothing to learn: the
+  one scenario here where uniform is not within noise of the best average loss.
 * ``shared``: every domain emits the same 24 symbols, so the domain of a document is only a
   statistical guess. The model's guess for near-random documents drifts towards the sharp domains'
   statistics whenever it sees them less, so Group DRO keeps giving them weight (measured: about
@@ -59,6 +62,7 @@ loss. The law's sweep always holds the pure single-domain runs the caps allow (L
     python bench/mixing_known_optimum.py --quick    # grid 1/2 (10 runs), 80 steps (< 1 min on 2 cores)
     python bench/mixing_known_optimum.py --quick --tiny   # seconds: a smoke test only
     python bench/mixing_known_optimum.py --seeds 3        # three seeds, methods minus uniform paired by seed
+    python bench/mixing_known_optimum.py --scenario junk --seeds 3 --excess-ema 0.9 --doremi-batch-scale 4
 Ends with one JSON line (with --seeds N > 1: scenario, seeds, mean regret, mean gap, budget,
 versus_uniform {method: {target_loss|average_loss|worst_loss: mean, sd, below_uniform, per_seed}}
 and runs, each one seed's line as below). One seed: bench, scenario, regret, gap_uniform_to_optimum,
@@ -85,8 +89,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 N_SYMBOLS, N_STATES = 24, 8  # the shared scenario's alphabet; hidden states of every HMM
 BAND = 16  # symbols per domain in the banded scenario
-SCENARIOS = ("banded", "shared")
-DOMAINS = ("markov", "noise", "small", "transfer")
+SCENARIOS = ("banded", "shared", "junk")
+JUNK_SEED_OFFSET = 777  # the junk HMM's own stream, so the other four domains draw as in banded
 LEARNABLE = ("markov", "small", "transfer")
 
 
@@ -100,6 +104,8 @@ def make_domains(seed: int, n_states: int = N_STATES, scenario: str = "banded") 
     from its statistics. ``banded``: each domain emits its own BAND ids (transfer and target share
     one band), so a domain is recognisable from any of its tokens, as real domains are from their
     vocabulary and style; its HMMs are drawn as in ``shared`` (same seed, same sharpness), over BAND symbols.
+    ``junk``: banded (the same four HMMs) plus a fifth domain, a second near-random HMM in its own
+    band, so uniform spends 40% of the tokens on text with nothing to learn.
     """
     if scenario not in SCENARIOS:
         raise ValueError(f"scenario must be one of {SCENARIOS}, got {scenario!r}")
@@ -108,7 +114,12 @@ def make_domains(seed: int, n_states: int = N_STATES, scenario: str = "banded") 
     if scenario == "shared":
         return hmms, {name: 0 for name in hmms}, N_SYMBOLS
     band = {"markov": 0, "noise": 1, "small": 2, "transfer": 3, "target": 3}
-    return hmms, {name: BAND * band[name] for name in hmms}, BAND * 4
+    if scenario == "junk":
+        from pipelines.synthetic import HMM
+
+        hmms["junk"] = HMM.random(n_states, BAND, np.random.default_rng(seed + JUNK_SEED_OFFSET), concentration=50.0)
+        band = {"markov": 0, "noise": 1, "junk": 2, "small": 3, "transfer": 4, "target": 4}
+    return hmms, {name: BAND * band[name] for name in hmms}, BAND * (max(band.values()) + 1)
 
 
 def make_hmms(seed: int, n_states: int = N_STATES, n_symbols: int = N_SYMBOLS) -> dict:
@@ -132,7 +143,8 @@ def make_hmms(seed: int, n_states: int = N_STATES, n_symbols: int = N_SYMBOLS) -
 
 def write_corpus(root: str, domains: tuple[dict, dict, int], seq_len: int, train_docs: dict[str, int],
                  eval_docs: int, seed: int):
-    """Shards + manifests under ``root``: the training manifest (4 domains) and the target's (validation only).
+    """Shards + manifests under ``root``: the training manifest (every domain but the target) and the target's
+    (validation only).
 
     ``domains``: make_domains' (HMMs, offsets, symbols); ids 0..symbols-1 are the symbols, then pad, mask."""
     hmms, offsets, n_symbols = domains
@@ -154,7 +166,8 @@ def write_corpus(root: str, domains: tuple[dict, dict, int], seq_len: int, train
                                bytes_per_token=1)
             shards.setdefault(name, []).append(info.model_copy(update={"path": rel, "split": split}))
     paths = {}
-    for key, names in (("train", DOMAINS), ("target", ("target",))):
+    training = tuple(name for name in hmms if name != "target")
+    for key, names in (("train", training), ("target", ("target",))):
         manifest = Manifest(config_hash=f"bench-{key}", tokenizer=tokenizer,
                             domains={d: DomainShards(shards=shards[d]) for d in names})
         paths[key] = os.path.join(root, f"manifest_{key}.json")
@@ -234,7 +247,11 @@ def train_and_score(root: str, paths: dict, weights: dict[str, float], cfg_dict:
 
 
 def run_doremi_worker(root: str, paths: dict, cfg_dict: dict, eta: float, smoothing: float,
-                      max_epochs: float | None = None, reference: str = "natural") -> dict:
+                      max_epochs: float | None = None, reference: str = "natural", excess_ema: float = 0.0,
+                      batch_scale: int = 1) -> dict:
+    """DoReMi on the training manifest. ``batch_scale``: its reference and proxy read batches that
+    many times the scored runs' (the caps stay those of the scored run's tokens), and its budget is
+    counted in scored-run steps (steps × batch_scale)."""
     import mlflow
 
     from infra.config import DoReMiConfig, ProxyConfig
@@ -242,11 +259,13 @@ def run_doremi_worker(root: str, paths: dict, cfg_dict: dict, eta: float, smooth
     from mixing.doremi import run_doremi
 
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    cfg = DoReMiConfig(proxy=ProxyConfig(**cfg_dict), eta=eta, smoothing=smoothing, clip="domain",
-                       max_epochs=max_epochs, reference_weights=reference)
+    scored_tokens = cfg_dict["steps"] * cfg_dict["batch_size"] * cfg_dict["seq_len"]
+    proxy = ProxyConfig(**{**cfg_dict, "batch_size": cfg_dict["batch_size"] * batch_scale})
+    cfg = DoReMiConfig(proxy=proxy, eta=eta, smoothing=smoothing, clip="domain", excess_ema=excess_ema,
+                       max_epochs=max_epochs, token_budget=scored_tokens, reference_weights=reference)
     res = run_doremi(load_manifest(paths["train"]), root, cfg)
     return {"weights": res.weights,
-            "steps": sum(2 * r.steps for r in res.rounds), "wall_s": res.wall_s}
+            "steps": batch_scale * sum(2 * r.steps for r in res.rounds), "wall_s": res.wall_s}
 
 
 def simplex_grid(m: int, resolution: int) -> np.ndarray:
@@ -273,15 +292,23 @@ def main(argv=None) -> dict:
                              "and report every method minus uniform, paired by seed: one run's differences are "
                              "within its noise (target ci95 ~±0.02)")
     parser.add_argument("--scenario", choices=SCENARIOS, default="banded",
-                        help="banded: each domain its own symbols; shared: one alphabet for all (see make_domains)")
+                        help="banded: each domain its own symbols; shared: one alphabet for all; junk: banded plus "
+                             "a second near-random domain (see make_domains)")
     parser.add_argument("--states", type=int, default=N_STATES, help="hidden states of every domain's HMM")
     parser.add_argument("--eta", type=float, default=1.0, help="DoReMi's step size η (paper: 1)")
+    parser.add_argument("--excess-ema", type=float, default=0.0,
+                        help="DoReMi's β for a moving average of each domain's excess loss (0: the paper's, none)")
+    parser.add_argument("--doremi-batch-scale", type=int, default=1,
+                        help="DoReMi's reference and proxy batches are this many times the scored runs' "
+                             "(less noise in its excess loss; its budget grows by the same factor)")
     parser.add_argument("--cache", help="folder of finished proxy runs (JSON per run, keyed by corpus, config "
                                         "and weights): a re-run of the bench reuses them instead of retraining")
     parser.add_argument("--dump", help="write every run (grid, law sweep, chosen mixtures) to this JSON file")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
+    if args.doremi_batch_scale < 1:
+        parser.error("--doremi-batch-scale must be at least 1")
     if args.seeds == 1:
         out = run_bench(args)
     else:
@@ -326,9 +353,11 @@ def run_bench(args: argparse.Namespace) -> dict:
     else:
         grid, steps, law_runs, seq_len, batch, eval_docs, mc = 4, 300, 16, 64, 16, 96, 4
         train_docs = {"markov": 4000, "noise": 4000, "small": 48, "transfer": 4000}
+    if args.scenario == "junk":  # as much junk as noise: uniform gives 2/5 of the tokens to the two
+        train_docs["junk"] = train_docs["noise"]
     grid = args.grid or grid
     steps = args.steps or steps
-    law_runs = args.law_runs or law_runs
+    law_runs = args.law_runs or max(law_runs, len(train_docs) + 2)  # the law has M + 1 parameters per loss
     cfg = dict(preset="test", seq_len=seq_len, batch_size=batch, steps=steps, lr=3e-3,
                warmup_steps=max(1, steps // 10), weight_decay=0.0, seed=args.seed,
                eval_docs_per_domain=eval_docs, mc_samples=mc)
@@ -359,7 +388,8 @@ def run_bench(args: argparse.Namespace) -> dict:
     _make_store(root)
     with ProcessPoolExecutor(max_workers=args.workers, initializer=_setup_worker, initargs=(root,)) as pool:
         # DoReMi first (its two runs are sequential, so it overlaps with the grid).
-        doremi_futures = {ref: pool.submit(run_doremi_worker, root, paths, cfg, args.eta, 1e-3, max_epochs, ref)
+        doremi_futures = {ref: pool.submit(run_doremi_worker, root, paths, cfg, args.eta, 1e-3, max_epochs, ref,
+                                          args.excess_ema, args.doremi_batch_scale)
                           for ref in ("natural", "uniform")}
         run = lambda w: pool.submit(train_and_score, root, paths, w, cfg, args.cache, corpus_key)  # noqa: E731
         grid_futures = [run(as_dict(r)) for r in mixtures]
@@ -435,6 +465,7 @@ def run_bench(args: argparse.Namespace) -> dict:
            "scenario": args.scenario, "grid_runs": len(grid_runs), "grid_resolution": grid, "steps": steps,
            "seed": args.seed,
            "max_epochs": max_epochs, "caps": None if caps is None else as_dict(caps), "doremi_eta": args.eta,
+           "doremi_excess_ema": args.excess_ema, "doremi_batch_scale": args.doremi_batch_scale,
            "wall_s": time.perf_counter() - started}
     if args.dump:
         with open(args.dump, "w") as f:

@@ -52,14 +52,50 @@ def test_banded_domains_emit_only_their_own_band_and_transfer_shares_the_targets
         bench.make_domains(0, 4, "nonsense")
 
 
+def test_junk_scenario_is_banded_plus_a_fifth_near_random_domain_in_its_own_band(tmp_path):
+    bench = _bench_module()
+    banded, _, _ = bench.make_domains(3, 4, "banded")
+    hmms, offsets, n_symbols = bench.make_domains(3, 4, "junk")
+    assert set(hmms) == set(banded) | {"junk"}
+    for name, hmm in banded.items():  # the four banded domains and the target are drawn as in banded
+        np.testing.assert_array_equal(hmms[name].emission, hmm.emission)
+        np.testing.assert_array_equal(hmms[name].transition, hmm.transition)
+
+    def entropy(hmm):  # mean entropy of the emission rows (nats)
+        e = np.clip(hmm.emission, 1e-12, 1)
+        return float(-(e * np.log(e)).sum(axis=1).mean())
+
+    # junk is as near-random as noise (close to log 16 = 2.77 nats), the learnable domains are sharp
+    assert entropy(hmms["junk"]) > 2.6 and entropy(hmms["noise"]) > 2.6
+    assert max(entropy(hmms[d]) for d in ("markov", "small", "transfer")) < 2.0
+    bands = {name: set(range(off, off + bench.BAND)) for name, off in offsets.items()}
+    assert bands["transfer"] == bands["target"]
+    training = [bands[d] for d in ("markov", "noise", "junk", "small", "transfer")]
+    assert all(not (a & b) for i, a in enumerate(training) for b in training[i + 1:])
+    assert n_symbols == 5 * bench.BAND
+
+    paths = bench.write_corpus(str(tmp_path), (hmms, offsets, n_symbols), 16,
+                               {"markov": 8, "noise": 8, "junk": 8, "small": 2, "transfer": 8}, 4, 0)
+    manifest = json.loads(open(paths["train"]).read())
+    assert set(manifest["domains"]) == {"markov", "noise", "junk", "small", "transfer"}
+    assert manifest["tokenizer"]["vocab_size"] == 5 * bench.BAND + 2
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("scenario", ["banded", "shared"])
-def test_mixing_known_optimum_tiny_prints_its_json(scenario):
+@pytest.mark.parametrize("scenario,extra", [("banded", []), ("shared", []),
+                                            ("junk", ["--excess-ema", "0.9", "--doremi-batch-scale", "2"])])
+def test_mixing_known_optimum_tiny_prints_its_json(scenario, extra):
     result = subprocess.run([sys.executable, "bench/mixing_known_optimum.py", "--quick", "--tiny",
-                             "--scenario", scenario], cwd=REPO, capture_output=True, text=True, timeout=300)
+                             "--scenario", scenario, *extra], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["bench"] == "mixing_known_optimum" and out["scenario"] == scenario
+    n_domains = 5 if scenario == "junk" else 4
+    assert all(len(w) == n_domains for w in out["weights"].values())
+    scale = 2 if extra else 1
+    assert out["doremi_batch_scale"] == scale and out["doremi_excess_ema"] == (0.9 if extra else 0.0)
+    # one round: reference + proxy, each out["steps"] steps of scale times the scored runs' batch
+    assert out["budget"]["doremi"] == out["budget"]["doremi_uniform_ref"] == scale * 2 * out["steps"]
     for key in ("regret", "gap_uniform_to_optimum", "budget", "optimum_weights", "weights"):
         assert key in out, key
     assert set(out["regret"]) == set(METHODS) and set(out["budget"]) == set(METHODS)
