@@ -248,7 +248,7 @@ def train_and_score(root: str, paths: dict, weights: dict[str, float], cfg_dict:
 
 def run_doremi_worker(root: str, paths: dict, cfg_dict: dict, eta: float, smoothing: float,
                       max_epochs: float | None = None, reference: str = "natural", excess_ema: float = 0.0,
-                      batch_scale: int = 1) -> dict:
+                      batch_scale: int = 1, rounds: int = 1) -> dict:
     """DoReMi on the training manifest. ``batch_scale``: its reference and proxy read batches that
     many times the scored runs' (the caps stay those of the scored run's tokens), and its budget is
     counted in scored-run steps (steps × batch_scale)."""
@@ -262,7 +262,7 @@ def run_doremi_worker(root: str, paths: dict, cfg_dict: dict, eta: float, smooth
     scored_tokens = cfg_dict["steps"] * cfg_dict["batch_size"] * cfg_dict["seq_len"]
     proxy = ProxyConfig(**{**cfg_dict, "batch_size": cfg_dict["batch_size"] * batch_scale})
     cfg = DoReMiConfig(proxy=proxy, eta=eta, smoothing=smoothing, clip="domain", excess_ema=excess_ema,
-                       max_epochs=max_epochs, token_budget=scored_tokens, reference_weights=reference)
+                       max_epochs=max_epochs, token_budget=scored_tokens, reference_weights=reference, rounds=rounds)
     res = run_doremi(load_manifest(paths["train"]), root, cfg)
     return {"weights": res.weights,
             "steps": batch_scale * sum(2 * r.steps for r in res.rounds), "wall_s": res.wall_s}
@@ -298,6 +298,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--eta", type=float, default=1.0, help="DoReMi's step size η (paper: 1)")
     parser.add_argument("--excess-ema", type=float, default=0.0,
                         help="DoReMi's β for a moving average of each domain's excess loss (0: the paper's, none)")
+    parser.add_argument("--doremi-rounds", type=int, default=1,
+                        help="rounds of iterated DoReMi (each round's reference weights are the last round's "
+                             "output; stops early once they agree within 1e-3)")
     parser.add_argument("--doremi-batch-scale", type=int, default=1,
                         help="DoReMi's reference and proxy batches are this many times the scored runs' "
                              "(less noise in its excess loss; its budget grows by the same factor)")
@@ -307,6 +310,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
+    if args.doremi_rounds < 1:
+        parser.error("--doremi-rounds must be at least 1")
     if args.doremi_batch_scale < 1:
         parser.error("--doremi-batch-scale must be at least 1")
     if args.seeds == 1:
@@ -389,7 +394,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     with ProcessPoolExecutor(max_workers=args.workers, initializer=_setup_worker, initargs=(root,)) as pool:
         # DoReMi first (its two runs are sequential, so it overlaps with the grid).
         doremi_futures = {ref: pool.submit(run_doremi_worker, root, paths, cfg, args.eta, 1e-3, max_epochs, ref,
-                                          args.excess_ema, args.doremi_batch_scale)
+                                          args.excess_ema, args.doremi_batch_scale, args.doremi_rounds)
                           for ref in ("natural", "uniform")}
         run = lambda w: pool.submit(train_and_score, root, paths, w, cfg, args.cache, corpus_key)  # noqa: E731
         grid_futures = [run(as_dict(r)) for r in mixtures]
@@ -466,6 +471,7 @@ def run_bench(args: argparse.Namespace) -> dict:
            "seed": args.seed,
            "max_epochs": max_epochs, "caps": None if caps is None else as_dict(caps), "doremi_eta": args.eta,
            "doremi_excess_ema": args.excess_ema, "doremi_batch_scale": args.doremi_batch_scale,
+           "doremi_rounds": args.doremi_rounds,
            "wall_s": time.perf_counter() - started}
     if args.dump:
         with open(args.dump, "w") as f:
