@@ -283,6 +283,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--grid", type=int, help="grid resolution (points at multiples of 1/grid)")
     parser.add_argument("--steps", type=int, help="proxy steps per run (grid, methods, sweeps, DoReMi)")
     parser.add_argument("--law-runs", type=int, help="mixtures in the mixing-law sweep")
+    parser.add_argument("--seq-len", type=int,
+                        help="tokens per document and sequence (default 64): a fully masked sequence, about "
+                             "1/(seq_len+1) of the NELBO's weight, can only be scored by the model's prior over "
+                             "domains, which is its training mixture")
     parser.add_argument("--max-epochs", type=float, default=32.0,
                         help="repetition cap for DoReMi and the law (0: none)")
     parser.add_argument("--workers", type=int, default=2)
@@ -361,6 +365,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     if args.scenario == "junk":  # as much junk as noise: uniform gives 2/5 of the tokens to the two
         train_docs["junk"] = train_docs["noise"]
     grid = args.grid or grid
+    seq_len = args.seq_len or seq_len
     steps = args.steps or steps
     law_runs = args.law_runs or max(law_runs, len(train_docs) + 2)  # the law has M + 1 parameters per loss
     cfg = dict(preset="test", seq_len=seq_len, batch_size=batch, steps=steps, lr=3e-3,
