@@ -248,10 +248,11 @@ def train_and_score(root: str, paths: dict, weights: dict[str, float], cfg_dict:
 
 def run_doremi_worker(root: str, paths: dict, cfg_dict: dict, eta: float, smoothing: float,
                       max_epochs: float | None = None, reference: str = "natural", excess_ema: float = 0.0,
-                      batch_scale: int = 1, rounds: int = 1) -> dict:
+                      batch_scale: int = 1, rounds: int = 1, steps: int | None = None) -> dict:
     """DoReMi on the training manifest. ``batch_scale``: its reference and proxy read batches that
     many times the scored runs' (the caps stay those of the scored run's tokens), and its budget is
-    counted in scored-run steps (steps × batch_scale)."""
+    counted in scored-run steps (steps × batch_scale). ``steps``: its reference's and proxy's steps
+    (default: the scored runs')."""
     import mlflow
 
     from infra.config import DoReMiConfig, ProxyConfig
@@ -260,7 +261,9 @@ def run_doremi_worker(root: str, paths: dict, cfg_dict: dict, eta: float, smooth
 
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     scored_tokens = cfg_dict["steps"] * cfg_dict["batch_size"] * cfg_dict["seq_len"]
-    proxy = ProxyConfig(**{**cfg_dict, "batch_size": cfg_dict["batch_size"] * batch_scale})
+    steps = steps or cfg_dict["steps"]
+    proxy = ProxyConfig(**{**cfg_dict, "batch_size": cfg_dict["batch_size"] * batch_scale, "steps": steps,
+                           "warmup_steps": max(1, steps // 10)})
     cfg = DoReMiConfig(proxy=proxy, eta=eta, smoothing=smoothing, clip="domain", excess_ema=excess_ema,
                        max_epochs=max_epochs, token_budget=scored_tokens, reference_weights=reference, rounds=rounds)
     res = run_doremi(load_manifest(paths["train"]), root, cfg)
@@ -305,6 +308,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--doremi-rounds", type=int, default=1,
                         help="rounds of iterated DoReMi (each round's reference weights are the last round's "
                              "output; stops early once they agree within 1e-3)")
+    parser.add_argument("--doremi-steps", type=int,
+                        help="steps of DoReMi's reference and of its proxy (default: --steps; 2400 spends the "
+                             "mixing law's budget at the default size)")
     parser.add_argument("--doremi-batch-scale", type=int, default=1,
                         help="DoReMi's reference and proxy batches are this many times the scored runs' "
                              "(less noise in its excess loss; its budget grows by the same factor)")
@@ -399,7 +405,8 @@ def run_bench(args: argparse.Namespace) -> dict:
     with ProcessPoolExecutor(max_workers=args.workers, initializer=_setup_worker, initargs=(root,)) as pool:
         # DoReMi first (its two runs are sequential, so it overlaps with the grid).
         doremi_futures = {ref: pool.submit(run_doremi_worker, root, paths, cfg, args.eta, 1e-3, max_epochs, ref,
-                                          args.excess_ema, args.doremi_batch_scale, args.doremi_rounds)
+                                          args.excess_ema, args.doremi_batch_scale, args.doremi_rounds,
+                                          args.doremi_steps)
                           for ref in ("natural", "uniform")}
         run = lambda w: pool.submit(train_and_score, root, paths, w, cfg, args.cache, corpus_key)  # noqa: E731
         grid_futures = [run(as_dict(r)) for r in mixtures]
@@ -476,7 +483,7 @@ def run_bench(args: argparse.Namespace) -> dict:
            "seed": args.seed,
            "max_epochs": max_epochs, "caps": None if caps is None else as_dict(caps), "doremi_eta": args.eta,
            "doremi_excess_ema": args.excess_ema, "doremi_batch_scale": args.doremi_batch_scale,
-           "doremi_rounds": args.doremi_rounds,
+           "doremi_rounds": args.doremi_rounds, "doremi_steps": args.doremi_steps or steps,
            "wall_s": time.perf_counter() - started}
     if args.dump:
         with open(args.dump, "w") as f:

@@ -83,7 +83,8 @@ def test_junk_scenario_is_banded_plus_a_fifth_near_random_domain_in_its_own_band
 
 @pytest.mark.slow
 @pytest.mark.parametrize("scenario,extra", [("banded", []), ("shared", []),
-                                            ("junk", ["--excess-ema", "0.9", "--doremi-batch-scale", "2"])])
+                                            ("junk", ["--excess-ema", "0.9", "--doremi-batch-scale", "2",
+                                                      "--doremi-steps", "9"])])
 def test_mixing_known_optimum_tiny_prints_its_json(scenario, extra):
     result = subprocess.run([sys.executable, "bench/mixing_known_optimum.py", "--quick", "--tiny",
                              "--scenario", scenario, *extra], cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -94,8 +95,9 @@ def test_mixing_known_optimum_tiny_prints_its_json(scenario, extra):
     assert all(len(w) == n_domains for w in out["weights"].values())
     scale = 2 if extra else 1
     assert out["doremi_batch_scale"] == scale and out["doremi_excess_ema"] == (0.9 if extra else 0.0)
-    # one round: reference + proxy, each out["steps"] steps of scale times the scored runs' batch
-    assert out["budget"]["doremi"] == out["budget"]["doremi_uniform_ref"] == scale * 2 * out["steps"]
+    # one round: reference + proxy, each doremi_steps steps of scale times the scored runs' batch
+    assert out["doremi_steps"] == (9 if extra else out["steps"])
+    assert out["budget"]["doremi"] == out["budget"]["doremi_uniform_ref"] == scale * 2 * out["doremi_steps"]
     for key in ("regret", "gap_uniform_to_optimum", "budget", "optimum_weights", "weights"):
         assert key in out, key
     assert set(out["regret"]) == set(METHODS) and set(out["budget"]) == set(METHODS)
