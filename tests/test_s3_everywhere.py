@@ -14,9 +14,11 @@ local folder; the S3 mirror is what outlives it).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -47,13 +49,20 @@ def _cli(args: list[str], cwd: Path) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def chain(s3_server, tmp_path_factory):
+def chain(s3_server, tmp_path_factory, _mlflow_template_db):
     """Upload a small real corpus, then run every stage through `python -m infra.cli` on one config."""
     import boto3
 
     from pipelines.demo_corpus import harvest
 
     tmp = tmp_path_factory.mktemp("s3-everywhere")
+    # The MLflow store starts as a copy of the suite's migrated sqlite DB (tests/conftest.py) instead of
+    # an empty file the first CLI process would migrate (seconds; far more on a loaded CI machine).
+    # The Default experiment of the copy is pointed here, as conftest's stores are.
+    shutil.copyfile(_mlflow_template_db, tmp / "mlflow.db")
+    with contextlib.closing(sqlite3.connect(tmp / "mlflow.db")) as conn, conn:
+        conn.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                     (str(tmp / "mlruns" / "0"),))
     bucket = f"maskmix-{uuid.uuid4().hex[:10]}"
     secret = f"secret-{uuid.uuid4().hex}"
     key_id = f"AKIA{uuid.uuid4().hex[:16].upper()}"
@@ -115,6 +124,9 @@ def chain(s3_server, tmp_path_factory):
         mp.setenv("AWS_DEFAULT_REGION", "eu-west-1")
         mp.setenv("AWS_ACCESS_KEY_ID", key_id)
         mp.setenv("AWS_SECRET_ACCESS_KEY", secret)
+        # Ray Train's controller polls its workers every 2 s (default), so `train` idled up to 2 polls
+        # (~4-5 s) after the last rank had reported; a shorter poll only notices the end sooner.
+        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
         cfg = str(config_path)
         outputs["pipeline"] = _cli(["pipeline", "run", cfg], tmp)
         outputs["baseline"] = _cli(["mix", "baseline", cfg], tmp)

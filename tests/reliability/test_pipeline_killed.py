@@ -37,8 +37,21 @@ def stage_writing(out, stage: str) -> bool:
     return folder.is_dir() and any(p.is_file() for p in folder.rglob("*")) and not (folder / MARKER).exists()
 
 
+def _running(process: psutil.Process) -> bool:
+    """Not exited. A zombie has: it holds no memory, file or socket any more, only its pid entry."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def kill_tree(proc: PythonProcess) -> int:
-    """SIGKILL the pipeline process by its pid; then any of its Ray processes left behind, by pid."""
+    """SIGKILL the pipeline process by its pid; then any of its Ray processes left behind, by pid.
+
+    Returns once every one of them has exited. The Ray processes are orphans by then, reaped by
+    init whenever it gets to it (1-2 s here); their zombies are dead already, so they are not
+    waited for (psutil.wait_procs would, since a zombie's pid still exists).
+    """
     try:
         tree = psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
@@ -49,7 +62,9 @@ def kill_tree(proc: PythonProcess) -> int:
             child.send_signal(signal.SIGKILL)
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(tree, timeout=30)
+    deadline = time.monotonic() + 30  # as long as psutil.wait_procs(tree, timeout=30) waited
+    while any(map(_running, tree)) and time.monotonic() < deadline:
+        time.sleep(0.01)
     return len(tree)
 
 
