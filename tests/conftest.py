@@ -40,6 +40,9 @@ _ISOLATED_ENV = {
     # With the real AWS_* variables gone, botocore and pyarrow would otherwise probe the EC2
     # metadata endpoint for credentials (a timeout per client without explicit keys).
     "AWS_EC2_METADATA_DISABLED": "true",
+    # Ray Train's controller polls its workers every 2 s by default, so fit() idled up to two polls
+    # (~4-5 s) after the last rank had reported; a shorter poll only notices the end (or a failure) sooner.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
 }
 
 

@@ -124,9 +124,6 @@ def chain(s3_server, tmp_path_factory, _mlflow_template_db):
         mp.setenv("AWS_DEFAULT_REGION", "eu-west-1")
         mp.setenv("AWS_ACCESS_KEY_ID", key_id)
         mp.setenv("AWS_SECRET_ACCESS_KEY", secret)
-        # Ray Train's controller polls its workers every 2 s (default), so `train` idled up to 2 polls
-        # (~4-5 s) after the last rank had reported; a shorter poll only notices the end sooner.
-        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
         cfg = str(config_path)
         outputs["pipeline"] = _cli(["pipeline", "run", cfg], tmp)
         outputs["baseline"] = _cli(["mix", "baseline", cfg], tmp)
