@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import posixpath
 import re
 import tempfile
 import threading
@@ -407,10 +408,18 @@ def _fail_fast_http() -> Iterator[None]:
                 os.environ[k] = v
 
 
-def upload_or_report(local_dir: str, artifact_path: str, lost_dir: str, wait_s: float | None = None) -> bool:
-    """``log_artifacts(local_dir, artifact_path)`` through an outage (see ``deliver_or_report``)."""
+def upload_or_report(local_dir: str, artifact_path: str, lost_dir: str, wait_s: float | None = None,
+                     register: dict | None = None) -> bool:
+    """``log_artifacts(local_dir, artifact_path)`` through an outage (see ``deliver_or_report``).
+
+    ``register`` ({"name", "description", "tags"}): the caller registers the folder as a model version
+    once it is uploaded; if the upload is given up, the undelivered-file keeps this too, so
+    ``redeliver`` registers the version after it has delivered the folder."""
+    replay = {"artifact_path": artifact_path}
+    if register:
+        replay["register"] = {**register, "tags": redact(register.get("tags") or {})}
     return deliver_or_report(f"artifacts {artifact_path}/", lambda: log_artifacts(local_dir, artifact_path),
-                             local_dir, lost_dir, wait_s, replay={"artifact_path": artifact_path})
+                             local_dir, lost_dir, wait_s, replay=replay)
 
 
 def tag_or_report(tags: dict[str, str], local_path: str, lost_dir: str, wait_s: float | None = None) -> bool:
@@ -456,7 +465,8 @@ def deliver_or_report(what: str, deliver, local_path: str, lost_dir: str, wait_s
 
 def redeliver(path: str, tracking_uri: str) -> dict[str, int]:
     """Deliver what an undelivered-file (``mlflow-undelivered-<run>.jsonl``) holds, once the server
-    is back: metric values, artifact folders (from their local copy) and tags, to their run.
+    is back: metric values, artifact folders (from their local copy) and tags, to their run, and
+    the model version an undelivered export would have been registered as.
 
     Sending a metric value twice is harmless: a value can be in the file and on the server (the
     server stored a batch but its answer was lost), and MLflow ignores a value it already has
@@ -483,7 +493,7 @@ def _redeliver_rows(rows: list[dict], client) -> tuple[list[dict], dict[str, int
     from mlflow.entities import Metric
 
     left: list[dict] = []
-    delivered = {"metric_values": 0, "artifacts": 0, "tags": 0}
+    delivered = {"metric_values": 0, "artifacts": 0, "tags": 0, "model_versions": 0}
     metric_rows = [r for r in rows if "key" in r]
     for run_id in sorted({r["run_id"] for r in metric_rows}):
         of_run = [r for r in metric_rows if r["run_id"] == run_id]
@@ -499,7 +509,13 @@ def _redeliver_rows(rows: list[dict], client) -> tuple[list[dict], dict[str, int
     for row in (r for r in rows if "key" not in r):
         try:
             if "artifact_path" in row:
+                # Uploading again after a failed registration is harmless: the same files, overwritten.
                 client.log_artifacts(row["run_id"], row["local_path"], row["artifact_path"])
+                if row.get("register"):
+                    source = posixpath.join(client.get_run(row["run_id"]).info.artifact_uri, row["artifact_path"])
+                    version = _create_model_version(client, row["run_id"], source, **row["register"])
+                    log.info("registered %s version %s", row["register"]["name"], version)
+                    delivered["model_versions"] += 1
                 delivered["artifacts"] += 1
             elif "tags" in row:
                 for key, value in row["tags"].items():
@@ -542,21 +558,27 @@ def register_artifacts(name: str, artifact_path: str, description: str | None = 
     plain files (safetensors + JSON): no MLflow flavor, no pickled Python object, nothing the
     reader has to execute. Returns the version number (as MLflow's string), None without a run.
     """
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
-
     run = mlflow.active_run()
     if run is None:
         return None
-    client = mlflow.MlflowClient()
+    return _create_model_version(mlflow.MlflowClient(), run.info.run_id, mlflow.get_artifact_uri(artifact_path),
+                                 name, description, tags)
+
+
+def _create_model_version(client, run_id: str, source: str, name: str, description: str | None = None,
+                          tags: dict[str, str] | None = None) -> str:
+    """A new version of registered model ``name`` (created if missing) with ``source``, from ``run_id``."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
     try:
         client.get_registered_model(name)
     except MlflowException as e:
         if e.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
             raise
         client.create_registered_model(name, description=description)
-    version = client.create_model_version(name, source=mlflow.get_artifact_uri(artifact_path),
-                                          run_id=run.info.run_id, tags=redact(tags or {}), description=description)
+    version = client.create_model_version(name, source=source, run_id=run_id, tags=redact(tags or {}),
+                                          description=description)
     return version.version
 
 

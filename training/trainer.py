@@ -404,14 +404,18 @@ def export_run(engine, cfg: TrainConfig, ema: WeightEMA | None, manifest: Manife
         export_model(folder, weights, info, read_tokenizer(manifest, _dirname(cfg.manifest), storage))
         # Through a tracking-server outage: retried up to the flush wait, then reported (the export
         # itself is on disk either way, and the training's result stands).
-        uploaded = tracking.upload_or_report(folder, EXPORT_DIR, lost_dir=cfg.output_dir)
-        if cfg.register_model and not uploaded:
-            log.warning("register_model=%s: not registered, the export did not reach MLflow", cfg.register_model)
-        elif cfg.register_model:
-            version = tracking.register_artifacts(
-                cfg.register_model, EXPORT_DIR, description=f"maskmix {info.preset}, step {info.step}",
-                tags={"maskmix.weights": info.weights, "maskmix.manifest_sha256": info.manifest_sha256,
-                      "maskmix.step": str(info.step)})
+        register = None
+        if cfg.register_model:
+            register = {"name": cfg.register_model, "description": f"maskmix {info.preset}, step {info.step}",
+                        "tags": {"maskmix.weights": info.weights, "maskmix.manifest_sha256": info.manifest_sha256,
+                                 "maskmix.step": str(info.step)}}
+        uploaded = tracking.upload_or_report(folder, EXPORT_DIR, lost_dir=cfg.output_dir, register=register)
+        if register and not uploaded:
+            log.warning("register_model=%s: not registered, the export did not reach MLflow (`maskmix tracking "
+                        "redeliver` registers it once it has delivered the export)", cfg.register_model)
+        elif register:
+            version = tracking.register_artifacts(register["name"], EXPORT_DIR, register["description"],
+                                                  register["tags"])
             if version is None:
                 log.warning("register_model=%s: no active MLflow run, so nothing to register", cfg.register_model)
             else:

@@ -181,6 +181,7 @@ def test_metrics_reported_lost_when_server_stays_down(tmp_path):
         assert (export_dir / "model.safetensors").is_file() and (export_dir / "config.json").is_file()
         [not_uploaded] = [r for r in rows if r.get("undelivered") == "artifacts export/"]
         assert not_uploaded["local_path"] == str(export_dir) and not_uploaded["run_id"] == run_id
+        assert not_uploaded["register"]["name"] == "outage-model"  # what redeliver registers
         assert f"NOT DELIVERED artifacts export/ of run {run_id}" in output and str(export_dir) in output
         assert "register_model=outage-model: not registered" in output
         [tag] = [r for r in rows if r.get("undelivered") == "tag maskmix.checkpoint"]  # the stage's end tag
@@ -205,7 +206,7 @@ def test_metrics_reported_lost_when_server_stays_down(tmp_path):
                                       "--tracking-uri", server.uri], capture_output=True, text=True,
                                      env=child_env(), timeout=300)
         assert redelivered.returncode == 0, redelivered.stderr[-2000:]
-        assert f"metric_values={len(records)} artifacts=1 tags=1 left=0" in redelivered.stdout
+        assert f"metric_values={len(records)} artifacts=1 tags=1 model_versions=1 left=0" in redelivered.stdout
         assert not files[0].exists()
         losses = client.get_metric_history(run_id, "train/loss")
         assert sorted(m.step for m in losses) == list(range(1, STEPS + 1))  # no step twice
@@ -213,6 +214,11 @@ def test_metrics_reported_lost_when_server_stays_down(tmp_path):
         assert {a.path for a in client.list_artifacts(run_id, "export")} >= {"export/model.safetensors",
                                                                             "export/config.json"}
         assert client.get_run(run_id).data.tags["maskmix.checkpoint"] == tag["tags"]["maskmix.checkpoint"]
+        # the registration the outage skipped: a version of the run's delivered export, with its tags
+        [version] = client.search_model_versions("name='outage-model'")
+        assert version.run_id == run_id and version.source.endswith("/export")
+        assert version.source.startswith(client.get_run(run_id).info.artifact_uri)
+        assert version.tags["maskmix.step"] == str(STEPS)
         print(f"\nFIGURES mlflow_outage_lost: steps={STEPS} on_server={len(on_server)} "
               f"reported_lost_values={len(records)} lost_steps_in_file={len(in_file)} "
               f"steps_in_both={len(both)} status={status} export_not_uploaded_kept_at={export_dir.name}/ "
@@ -287,7 +293,7 @@ def test_redeliver_sends_each_value_once_even_when_the_server_already_has_some(t
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     result = tracking.redeliver(str(path), mlflow_uri)
-    assert result == {"metric_values": 2, "artifacts": 1, "tags": 1, "left": 1}
+    assert result == {"metric_values": 2, "artifacts": 1, "tags": 1, "model_versions": 0, "left": 1}
     client = mlflow.MlflowClient()
     history = client.get_metric_history(run_id, "train/loss")
     assert sorted((m.step, m.value) for m in history) == [(1, 3.0), (2, 2.5)]  # step 1 once
@@ -304,5 +310,5 @@ def test_redeliver_to_a_server_still_down_keeps_the_file(tmp_path):
     path = tmp_path / "mlflow-undelivered-x.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = tracking.redeliver(str(path), f"http://127.0.0.1:{free_port()}")
-    assert result == {"metric_values": 0, "artifacts": 0, "tags": 0, "left": 3}
+    assert result == {"metric_values": 0, "artifacts": 0, "tags": 0, "model_versions": 0, "left": 3}
     assert [json.loads(line) for line in path.read_text().splitlines()] == rows
