@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """Mixture optimizers on data with a known answer: regret of uniform, natural, DoReMi and the mixing law.
 
-Four training domains (five in ``junk``), each a synthetic HMM (pipelines.synthetic), written DIRECTLY as token-id
-shards (the symbols first, then pad and mask; one document per sequence, as
+Four training domains (five in ``junk``), each a synthetic HMM (pipelines.synthetic), written
+DIRECTLY as token-id shards (the symbols first, then pad and mask; one document per sequence, as
 tests/test_training_hmm.py) into a temporary manifest:
 
 * ``markov``   - a sharp (learnable) HMM, plenty of documents;
 * ``noise``    - a near-uniform HMM (high Dirichlet concentration): almost nothing to learn;
 * ``small``    - another sharp HMM with few documents, so any real weight on it repeats them;
-* ``transfer`` - a close perturbation of the TARGET HMM (its rows mixed with a little noise).
+* ``transfer`` - a close perturbation of the TARGET HMM (its rows mixed with a little noise);
+* ``junk``     - (``junk`` scenario only) a second near-uniform HMM, like ``noise``.
 
 Three scenarios (``--scenario``, make_domains):
 
@@ -117,7 +118,8 @@ def make_domains(seed: int, n_states: int = N_STATES, scenario: str = "banded") 
     if scenario == "junk":
         from pipelines.synthetic import HMM
 
-        hmms["junk"] = HMM.random(n_states, BAND, np.random.default_rng(seed + JUNK_SEED_OFFSET), concentration=50.0)
+        junk_rng = np.random.default_rng(seed + JUNK_SEED_OFFSET)
+        hmms["junk"] = HMM.random(n_states, BAND, junk_rng, concentration=50.0)
         band = {"markov": 0, "noise": 1, "junk": 2, "small": 3, "transfer": 4, "target": 4}
     return hmms, {name: BAND * band[name] for name in hmms}, BAND * (max(band.values()) + 1)
 
