@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
+from infra import tracking
 from infra.cluster import ensure_ray
 from infra.config import PipelineConfig, RayConfig, StorageConfig
 from infra.contracts import (
@@ -53,9 +54,13 @@ from infra.contracts import (
 from infra.errors import MaskmixError
 from infra.storage import Storage, is_s3, join
 from pipelines import exact_dedup, near_dedup
+from pipelines.batches import (
+    MARK_COLUMNS, MARKED_SCHEMA, PARSED_SCHEMA, add_sample_key, cast_parsed, checkpoint_block, ensure_marks,
+    from_ipc, good_documents, kept_rows, mark_duplicate_ids, mark_ids,
+)
 from pipelines.filters import FilterReport, build_chain
 from pipelines.normalize import normalize_batch
-from pipelines.readers import ROW_COLUMNS, domain_problem, input_items, parse_file
+from pipelines.readers import domain_problem, input_items, parse_file
 from pipelines.shard import write_domain_shards
 from pipelines.stage_store import STAGES, StageMarker, StageStore, fingerprint, input_listing, resolve_force, \
     spec_digest
@@ -63,27 +68,6 @@ from pipelines.tokenize import special_ids, tokenize_batch, tokenizer_sha256, tr
 
 log = logging.getLogger(__name__)
 
-
-class _Tracking:
-    """``infra.tracking``, imported when the driver first uses it.
-
-    Every Ray worker that runs one of this module's batch functions imports this module, and
-    infra.tracking imports MLflow (~1.6 of the ~2 CPU s the import cost a worker); only the
-    driver tracks. On a busy cluster a job starts a worker per stage or more, so a small job paid
-    for MLflow in each one.
-    """
-
-    def __getattr__(self, name: str):
-        from infra import tracking as module
-
-        return getattr(module, name)
-
-
-tracking = _Tracking()
-
-PARSED_SCHEMA = pa.schema([pa.field(c, pa.string()) for c in ROW_COLUMNS])
-MARK_COLUMNS = ("drop_reason", "drop_detail")
-MARKED_SCHEMA = pa.schema([*DOCUMENT_SCHEMA, *(pa.field(c, pa.string()) for c in MARK_COLUMNS)])
 MAX_READ_BLOCKS = 1024
 
 
@@ -99,121 +83,7 @@ def content_config_hash(cfg: PipelineConfig) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-# --------------------------------------------------------------------------- batch helpers
-
-
-def _cast_parsed(batch: pa.Table) -> pa.Table:
-    return pa.table({c: batch.column(c).cast(pa.string()) if c in batch.column_names
-                     else pa.nulls(batch.num_rows, pa.string()) for c in ROW_COLUMNS}, schema=PARSED_SCHEMA)
-
-
-def _good_documents(batch: pa.Table) -> pa.Table:
-    good = batch.filter(pc.is_null(batch.column("reason")))
-    return good.select(DOCUMENT_SCHEMA.names).cast(DOCUMENT_SCHEMA)
-
-
-def _quarantined(batch: pa.Table) -> pa.Table:
-    bad = batch.filter(pc.is_valid(batch.column("reason")))
-    return bad.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA)
-
-
-def _ensure_marks(batch: pa.Table) -> pa.Table:
-    for col in MARK_COLUMNS:
-        if col not in batch.column_names:
-            batch = batch.append_column(col, pa.nulls(batch.num_rows, pa.string()))
-    return batch
-
-
-def _kept(batch: pa.Table) -> pa.Table:
-    """Rows no stage removed, without the mark columns (those present)."""
-    kept = batch.filter(pc.is_null(batch.column("drop_reason")))
-    return kept.drop_columns([c for c in MARK_COLUMNS if c in kept.column_names])
-
-
-def _removed_records(batch: pa.Table, stage: str) -> pa.Table:
-    gone = batch.filter(pc.is_valid(batch.column("drop_reason")))
-    return pa.table({
-        "doc_id": gone.column("id"), "domain": gone.column("domain"),
-        "stage": pa.array([stage] * gone.num_rows, pa.string()),
-        "reason": gone.column("drop_reason"), "detail": gone.column("drop_detail"),
-    }, schema=REMOVED_SCHEMA)
-
-
-def _mark_ids(batch: pa.Table, ids: pa.Array, reason: str, detail: dict[str, str]) -> pa.Table:
-    hit = pc.is_in(batch.column("id"), value_set=ids)
-    doc_ids = batch.column("id").to_pylist()
-    reasons = pa.array([reason if h else None for h in hit.to_pylist()], pa.string())
-    details = pa.array([detail.get(d) if h else None for d, h in zip(doc_ids, hit.to_pylist())], pa.string())
-    return batch.append_column("drop_reason", reasons).append_column("drop_detail", details)
-
-
-def _mark_duplicate_ids(group: pa.Table) -> pa.Table:
-    """Two records with one id cannot both be kept: the first by source wins, the rest are removed."""
-    group = group.sort_by("source")
-    first = group.column("source")[0].as_py()
-    dup = [i > 0 for i in range(group.num_rows)]
-    return group.append_column("drop_reason", pa.array(["duplicate_id" if d else None for d in dup], pa.string())) \
-                .append_column("drop_detail", pa.array([first if d else None for d in dup], pa.string()))
-
-
-def _filter_report_json(batch: pa.Table, examples: int) -> str:
-    """One block's filter counters as JSON (merged on the driver).
-
-    The examples of a rule are the block's smallest ids (not its first rows), so that the merged
-    report does not depend on how the documents were cut into blocks (a resumed run reads them
-    back from Parquet in other blocks than the run that wrote them).
-    """
-    report = FilterReport.from_batch(batch, examples)
-    smallest: dict[str, list[str]] = defaultdict(list)
-    for r, i in zip(batch.column("drop_reason").to_pylist(), batch.column("id").to_pylist()):
-        if r is not None and i is not None:
-            smallest[r].append(i)
-    report.examples = defaultdict(list, {r: sorted(v)[:examples] for r, v in smallest.items()})
-    return report.to_json()
-
-
-def _ipc(table: pa.Table | None) -> bytes:
-    if table is None:
-        return b""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
-def _from_ipc(blobs: list[bytes], schema: pa.Schema) -> pa.Table:
-    tables = [pa.ipc.open_stream(b).read_all().cast(schema) for b in blobs if b]
-    return pa.concat_tables(tables) if tables else schema.empty_table()
-
-
-def _checkpoint_block(batch: pa.Table, folder: str, storage_cfg: StorageConfig | None, stage: str,
-                      examples: int = 0, scores: tuple[str, ...] = ()) -> pa.Table:
-    """Ray map_batches function: write one block of a stage's output rows to the stage checkpoint
-    and return its summary -- one row: rows, per-domain kept counts, the removed (for ``read``:
-    quarantined) records, and for the filter stage its report and annotate-mode scores.
-
-    One streaming pass per stage: the statistics never need a second read of the data. The file
-    is named by the block's content (its sources), so a retried task overwrites its own file.
-    """
-    if batch.num_rows:
-        sources = pc.fill_null(batch.column("source"), "").to_pylist()
-        name = hashlib.blake2b("\n".join(sources).encode(), digest_size=12).hexdigest()
-        sink = pa.BufferOutputStream()
-        pq.write_table(batch, sink, compression="zstd")
-        Storage(storage_cfg).write_bytes(join(folder, f"part-{name}.parquet"), sink.getvalue().to_pybytes())
-    if stage == "read":
-        removed, kept = _quarantined(batch), batch.filter(pc.is_null(batch.column("reason")))
-    else:
-        removed, kept = _removed_records(batch, stage), batch.filter(pc.is_null(batch.column("drop_reason")))
-    report = _filter_report_json(batch, examples) if examples else ""
-    score_table = None
-    if scores:
-        score_table = batch.select(["id", "domain", *scores]).rename_columns(["doc_id", "domain", *scores])
-    counts = Counter(kept.column("domain").to_pylist())
-    return pa.table({"rows": [batch.num_rows], "counts": [json.dumps(counts, sort_keys=True)],
-                     "removed": [_ipc(removed)], "report": [report], "scores": [_ipc(score_table)]},
-                    schema=pa.schema([("rows", pa.int64()), ("counts", pa.string()), ("removed", pa.binary()),
-                                      ("report", pa.string()), ("scores", pa.binary())]))
+# --------------------------------------------------------------------------- driver helpers
 
 
 def _merge_filter_reports(rows: list[str], examples: int) -> dict:
@@ -227,11 +97,6 @@ def _merge_filter_reports(rows: list[str], examples: int) -> dict:
         report.merge(part)
     report.examples = defaultdict(list, {r: sorted(v)[:examples] for r, v in pooled.items()})
     return report.to_dict()
-
-
-def _add_sample_key(batch: pa.Table) -> pa.Table:
-    keys = [hashlib.blake2b(i.encode(), digest_size=8).hexdigest() for i in batch.column("id").to_pylist()]
-    return batch.append_column("sample_key", pa.array(keys, pa.string()))
 
 
 def _metric_key(name: str) -> str:
@@ -297,7 +162,7 @@ class CorpusPipeline:
 
     def _checkpoint(self, ds: ray.data.Dataset, key: str, stage: str, **kwargs) -> dict:
         """Stream ``ds`` into the stage's checkpoint (one file per block); returns the merged block summaries."""
-        rows = ds.map_batches(_checkpoint_block, batch_format="pyarrow", batch_size=None, fn_kwargs={
+        rows = ds.map_batches(checkpoint_block, batch_format="pyarrow", batch_size=None, fn_kwargs={
             "folder": self.store.data_uri(key), "storage_cfg": self.storage_cfg, "stage": stage, **kwargs}).take_all()
         counts: Counter = Counter()
         for r in rows:
@@ -429,24 +294,24 @@ class CorpusPipeline:
         """The kept documents of a finished stage, read lazily from its checkpoint."""
         columns = marker.meta["columns"]
         if key == "read":
-            return self.store.read(key, empty_schema=PARSED_SCHEMA).map_batches(_good_documents,
+            return self.store.read(key, empty_schema=PARSED_SCHEMA).map_batches(good_documents,
                                                                                 batch_format="pyarrow")
         schema = pa.schema([*(MARKED_SCHEMA.field(c) if c in MARKED_SCHEMA.names else pa.field(c, pa.string())
                               for c in columns), MARKED_SCHEMA.field("drop_reason")])
         return self.store.read(key, columns=[*columns, "drop_reason"], empty_schema=schema) \
-                   .map_batches(_kept, batch_format="pyarrow")
+                   .map_batches(kept_rows, batch_format="pyarrow")
 
     def _finish_marked(self, key: str, name: str, marked: ray.data.Dataset, before: dict[str, int],
                        extra: dict | None = None) -> StageMarker:
         """Stream the marked rows into the stage checkpoint, then record the removed rows and the stats."""
-        summary = self._checkpoint(marked.map_batches(_ensure_marks, batch_format="pyarrow"), key, name)
+        summary = self._checkpoint(marked.map_batches(ensure_marks, batch_format="pyarrow"), key, name)
         return self._marked_stats(key, name, summary, before, extra)
 
     def _marked_stats(self, key: str, name: str, summary: dict, before: dict[str, int], extra: dict | None = None,
                       drop: tuple[str, ...] = ()) -> StageMarker:
         """Write ``removed/<name>.parquet`` and record the stage's stats; ``drop``: checkpoint columns the
         next stage does not get (annotate-mode scores)."""
-        removed = self._write_sorted(_from_ipc(summary["removed"], REMOVED_SCHEMA), ["doc_id"],
+        removed = self._write_sorted(from_ipc(summary["removed"], REMOVED_SCHEMA), ["doc_id"],
                                      "removed", f"{name}.parquet")
         schema = self.store.schema(key)
         columns = [c for c in (schema.names if schema else DOCUMENT_SCHEMA.names)
@@ -470,7 +335,7 @@ class CorpusPipeline:
         """Parse every input file (quarantining bad records), then make ids unique."""
         docs = self._docs("read", self._stage("read", self._run_read))
         # Ids must be unique from here on (dedup and shards key on them).
-        marked = docs.groupby("id").map_groups(_mark_duplicate_ids, batch_format="pyarrow")
+        marked = docs.groupby("id").map_groups(mark_duplicate_ids, batch_format="pyarrow")
         return self._docs("unique_ids", self._stage("unique_ids", lambda: self._finish_marked(
             "unique_ids", "unique_ids", marked, self.counts)))
 
@@ -480,9 +345,9 @@ class CorpusPipeline:
         # One file per block up to a cap: a folder of 100k small text files must not make 100k blocks.
         parsed = (ray.data.from_items(items, override_num_blocks=min(len(items), MAX_READ_BLOCKS))
                   .flat_map(parse_file, fn_kwargs={"specs": self.cfg.inputs, "storage_cfg": self.storage_cfg})
-                  .map_batches(_cast_parsed, batch_format="pyarrow"))
+                  .map_batches(cast_parsed, batch_format="pyarrow"))
         summary = self._checkpoint(parsed, "read", "read")
-        quarantine = self._write_sorted(_from_ipc(summary["removed"], QUARANTINE_SCHEMA), ["source", "reason"],
+        quarantine = self._write_sorted(from_ipc(summary["removed"], QUARANTINE_SCHEMA), ["source", "reason"],
                                         "quarantine", "quarantine.parquet")
         counts = summary["counts"]
         by_reason = Counter(quarantine.column("reason").to_pylist())
@@ -517,12 +382,12 @@ class CorpusPipeline:
         added = chain.added_columns()
         scores = tuple(c for c in added if ".lines." not in c)
         marked = self.normalize(docs).map_batches(chain, batch_format="pyarrow") \
-                     .map_batches(_ensure_marks, batch_format="pyarrow")
+                     .map_batches(ensure_marks, batch_format="pyarrow")
         summary = self._checkpoint(marked, "quality_filter", name, examples=chain.examples_per_rule, scores=scores)
         if scores:
             score_schema = pa.schema([pa.field("doc_id", pa.string()), pa.field("domain", pa.string()),
                                       *(pa.field(c, added[c]) for c in scores)])
-            self._write_sorted(_from_ipc(summary["scores"], score_schema), ["doc_id"], "filters", "scores.parquet")
+            self._write_sorted(from_ipc(summary["scores"], score_schema), ["doc_id"], "filters", "scores.parquet")
         extra = {"filters": chain.names, "word_tokenizer": chain.word_tokenizer,
                  "filter_report": _merge_filter_reports(summary["reports"], chain.examples_per_rule)}
         return self._marked_stats("quality_filter", name, summary, before, extra, drop=tuple(added))
@@ -545,7 +410,7 @@ class CorpusPipeline:
         self._write_table(clusters, "dedup", "clusters.parquet")
         dropped = clusters.filter(pc.invert(clusters.column("kept")))
         kept_of = dict(zip(dropped.column("doc_id").to_pylist(), dropped.column("kept_doc_id").to_pylist()))
-        marked = docs.map_batches(_mark_ids, batch_format="pyarrow", fn_kwargs={
+        marked = docs.map_batches(mark_ids, batch_format="pyarrow", fn_kwargs={
             "ids": dropped.column("doc_id").combine_chunks(), "reason": "near_duplicate", "detail": kept_of})
         extra = {"clusters": report["clusters"], "cluster_sizes": report["cluster_sizes"],
                  "bands": self.cfg.near_dedup.bands, "rows": self.cfg.near_dedup.rows, "report": report,
@@ -571,7 +436,7 @@ class CorpusPipeline:
             where, n_docs = tcfg.path, 0
         else:
             # A deterministic sample across domains: the documents with the smallest id hashes.
-            sample = (docs.map_batches(_add_sample_key, batch_format="pyarrow")
+            sample = (docs.map_batches(add_sample_key, batch_format="pyarrow")
                       .sort("sample_key").limit(tcfg.train_docs)
                       .select_columns(["text"]).take_all())
             self.progress(f"[pipeline] training BPE tokenizer (vocab {tcfg.vocab_size}) on {len(sample)} docs")
