@@ -114,14 +114,15 @@ def make_domains(seed: int, n_states: int = N_STATES, scenario: str = "banded") 
     hmms = make_hmms(seed, n_states, symbols)
     if scenario == "shared":
         return hmms, {name: 0 for name in hmms}, N_SYMBOLS
-    band = {"markov": 0, "noise": 1, "small": 2, "transfer": 3, "target": 3}
+    training = ["markov", "noise", "small", "transfer"]
     if scenario == "junk":
         from pipelines.synthetic import HMM
 
         junk_rng = np.random.default_rng(seed + JUNK_SEED_OFFSET)
         hmms["junk"] = HMM.random(n_states, BAND, junk_rng, concentration=50.0)
-        band = {"markov": 0, "noise": 1, "junk": 2, "small": 3, "transfer": 4, "target": 4}
-    return hmms, {name: BAND * band[name] for name in hmms}, BAND * (max(band.values()) + 1)
+        training.insert(2, "junk")
+    band = {name: i for i, name in enumerate(training)} | {"target": training.index("transfer")}
+    return hmms, {name: BAND * band[name] for name in hmms}, BAND * len(training)
 
 
 def make_hmms(seed: int, n_states: int = N_STATES, n_symbols: int = N_SYMBOLS) -> dict:
@@ -265,12 +266,17 @@ def run_doremi_worker(root: str, paths: dict, cfg_dict: dict, eta: float, smooth
     scored_tokens = cfg_dict["steps"] * cfg_dict["batch_size"] * cfg_dict["seq_len"]
     steps = steps or cfg_dict["steps"]
     proxy = ProxyConfig(**{**cfg_dict, "batch_size": cfg_dict["batch_size"] * batch_scale, "steps": steps,
-                           "warmup_steps": max(1, steps // 10)})
+                           "warmup_steps": warmup_steps(steps)})
     cfg = DoReMiConfig(proxy=proxy, eta=eta, smoothing=smoothing, clip="domain", excess_ema=excess_ema,
                        max_epochs=max_epochs, token_budget=scored_tokens, reference_weights=reference, rounds=rounds)
     res = run_doremi(load_manifest(paths["train"]), root, cfg)
     return {"weights": res.weights,
             "steps": batch_scale * sum(2 * r.steps for r in res.rounds), "wall_s": res.wall_s}
+
+
+def warmup_steps(steps: int) -> int:
+    """The proxies' warmup: a tenth of the steps (every run of the bench, DoReMi's included)."""
+    return max(1, steps // 10)
 
 
 def simplex_grid(m: int, resolution: int) -> np.ndarray:
@@ -377,7 +383,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     steps = args.steps or steps
     law_runs = args.law_runs or max(law_runs, len(train_docs) + 2)  # the law has M + 1 parameters per loss
     cfg = dict(preset="test", seq_len=seq_len, batch_size=batch, steps=steps, lr=3e-3,
-               warmup_steps=max(1, steps // 10), weight_decay=0.0, seed=args.seed,
+               warmup_steps=warmup_steps(steps), weight_decay=0.0, seed=args.seed,
                eval_docs_per_domain=eval_docs, mc_samples=mc)
 
     corpus_key = {"seed": args.seed, "states": args.states, "train_docs": train_docs, "eval_docs": eval_docs, "seq_len": seq_len}

@@ -112,7 +112,7 @@ def from_ipc(blobs: list[bytes], schema: pa.Schema) -> pa.Table:
 
 
 def checkpoint_block(batch: pa.Table, folder: str, storage_cfg: StorageConfig | None, stage: str,
-                      examples: int = 0, scores: tuple[str, ...] = ()) -> pa.Table:
+                     examples: int = 0, scores: tuple[str, ...] = ()) -> pa.Table:
     """Ray map_batches function: write one block of a stage's output rows to the stage checkpoint
     and return its summary -- one row: rows, per-domain kept counts, the removed (for ``read``:
     quarantined) records, and for the filter stage its report and annotate-mode scores.
