@@ -270,7 +270,7 @@ def run_doremi_worker(root: str, paths: dict, cfg_dict: dict, eta: float, smooth
     cfg = DoReMiConfig(proxy=proxy, eta=eta, smoothing=smoothing, clip="domain", excess_ema=excess_ema,
                        max_epochs=max_epochs, token_budget=scored_tokens, reference_weights=reference, rounds=rounds)
     res = run_doremi(load_manifest(paths["train"]), root, cfg)
-    return {"weights": res.weights,
+    return {"weights": res.weights, "split_half": [r.split_half for r in res.rounds],
             "steps": batch_scale * sum(2 * r.steps for r in res.rounds), "wall_s": res.wall_s}
 
 
@@ -394,6 +394,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     _setup_worker(root)
     from infra.contracts import load_manifest
     from mixing.baselines import natural_weights, uniform_weights
+    from mixing.doremi import UNSTABLE_SPLIT_HALF
     from mixing.laws import MixingLaw
     from mixing.repetition import max_proportions
     from mixing.sampling import double_diminishing
@@ -474,6 +475,9 @@ def run_bench(args: argparse.Namespace) -> dict:
         if fitted.report is not None:
             print(f"{label} fit on {fitted.report.n_train} runs: {fitted.report.in_sample}; "
                   f"held out: {fitted.report.held_out}")
+    print("doremi's split-half distance (its weights averaged over the proxy's first vs second half; "
+          f"> {UNSTABLE_SPLIT_HALF}: unstable): natural ref. {doremi['natural']['split_half'][-1]:.3f}, "
+          f"uniform ref. {doremi['uniform']['split_half'][-1]:.3f}")
     if caps is not None:
         print(f"repetition caps at {max_epochs:g} epochs ({steps * batch * seq_len} tokens/run): "
               + "/".join(f"{c:.3f}" for c in caps))
@@ -492,6 +496,8 @@ def run_bench(args: argparse.Namespace) -> dict:
            "max_epochs": max_epochs, "caps": None if caps is None else as_dict(caps), "doremi_eta": args.eta,
            "doremi_excess_ema": args.excess_ema, "doremi_batch_scale": args.doremi_batch_scale,
            "doremi_rounds": args.doremi_rounds, "doremi_steps": args.doremi_steps or steps,
+           "doremi_split_half": {"doremi": doremi["natural"]["split_half"],
+                                 "doremi_uniform_ref": doremi["uniform"]["split_half"]},
            "wall_s": time.perf_counter() - started}
     if args.dump:
         with open(args.dump, "w") as f:

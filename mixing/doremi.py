@@ -43,6 +43,19 @@ One round, as in DESIGN.md ("The science, stated once"):
 Iterated DoReMi: the next round's reference weights are this round's averaged α, until
 ‖ᾱ − α_ref‖∞ < tol or ``rounds`` rounds.
 
+Stability (``split_half_distance``): every round reports ‖mean α over the first half of its steps −
+mean α over the second half‖∞. α after T steps is ∝ α_0 · exp(η Σ_t λ_t), so per-step noise of sd σ
+in λ moves log α by a random walk of sd η·σ·√T. With a small proxy batch (a few hundred tokens per
+domain, diffusion terms weighted by 1/t) σ is 0.1–0.5 nats and at η = 1 the weights swing from one
+near-one-hot state to another (DoReMi issue #5): the "averaged" weights are then mostly noise, and a
+second seed gives other weights. Measured on the known-optimum bench's junk corpus (seed 0, 300
+steps of batch 16 × 64 tokens, uniform reference), four runs with other seeds for the reference and
+the proxy: at η = 1 the split-half distances were 0.06, 0.13, 0.22 and 0.47, and the four runs'
+weights spanned up to 0.31 per domain (markov 0.33–0.63, noise 0.08–0.28); at η = 0.1 they were
+0.01–0.06, and the weights spanned 0.17 (markov 0.42–0.59), the other domains 0.08 or less. The
+distance is a one-run hint, not a proof: one of the η = 1 runs was steady by it. A round above
+``UNSTABLE_SPLIT_HALF`` gets a warning in the mixture's details and on the console.
+
 Every step logs doremi/weight/<d>, doremi/excess/<d>, doremi/proxy_loss/<d>, doremi/ref_loss/<d>
 to the round's MLflow child run (stage "doremi_round"); the reference and proxy trainings are
 child runs of the round.
@@ -70,6 +83,8 @@ from training.diffusion import draw_noise, token_terms
 from training.evaluate import DomainEval
 
 CLIP_MODES = ("token", "domain", "none")
+# Above this split-half distance a round's averaged weights are called unstable (see the module doc).
+UNSTABLE_SPLIT_HALF = 0.1
 
 
 # --------------------------------------------------------------------------- the two pure pieces
@@ -143,6 +158,21 @@ def dro_loss(terms: torch.Tensor, valid: torch.Tensor, domain_index: torch.Tenso
     return (terms * token_weight).sum() / token_weight.sum().clamp_min(1e-12)
 
 
+def split_half_distance(trajectory: list[dict[str, float]]) -> float:
+    """‖mean α over the first half of the steps − mean α over the second half‖∞ (0 for < 2 steps).
+
+    The output weights are the average over all steps; if the two halves disagree, the average
+    depends on where the run stopped and on its noise (another seed would give other weights).
+    With an odd number of steps the middle one goes to the second half.
+    """
+    if len(trajectory) < 2:
+        return 0.0
+    half = len(trajectory) // 2
+    first, second = trajectory[:half], trajectory[half:]
+    return max(abs(sum(a[d] for a in first) / len(first) - sum(a[d] for a in second) / len(second))
+               for d in trajectory[0])
+
+
 # --------------------------------------------------------------------------- results
 
 
@@ -162,6 +192,10 @@ class RoundResult:
         """‖ᾱ − α_ref‖∞."""
         return max(abs(self.weights[d] - self.reference_weights.get(d, 0.0)) for d in self.weights)
 
+    @property
+    def split_half(self) -> float:
+        return split_half_distance(self.trajectory)
+
 
 @dataclass
 class DoReMiResult:
@@ -171,6 +205,17 @@ class DoReMiResult:
     converged: bool
     mlflow_run_id: str | None = None
     wall_s: float = 0.0
+
+    def stability_warnings(self) -> list[str]:
+        """One line per round whose averaged weights are unstable (split-half distance above the limit)."""
+        out = []
+        for i, r in enumerate(self.rounds):
+            if r.split_half > UNSTABLE_SPLIT_HALF:
+                out.append(f"doremi round {i + 1}: unstable weights: their averages over the first and second "
+                           f"half of the proxy's {r.steps} steps differ by up to {r.split_half:.2f} "
+                           f"(> {UNSTABLE_SPLIT_HALF}); the excess loss is too noisy for eta={self.config.eta:g}: "
+                           "lower mix.doremi.eta (e.g. 0.1) or raise the proxy's batch_size or steps")
+        return out
 
     def to_mixture(self, manifest: Manifest) -> Mixture:
         weights = _normalized(self.weights)
@@ -184,6 +229,8 @@ class DoReMiResult:
                 "steps": self.config.proxy.steps, "proxy": self.config.proxy.model_dump(),
                 "round_weights": [r.weights for r in self.rounds],
                 "round_distance": [r.distance for r in self.rounds],
+                "round_split_half": [r.split_half for r in self.rounds],
+                "stability_warnings": self.stability_warnings(),
                 "loss_weighting": "nelbo (CE / p(t))",
                 **self._repetition_details(manifest),
             },
@@ -358,7 +405,8 @@ def run_doremi(manifest: Manifest, manifest_dir: str, cfg: DoReMiConfig | None =
                 result.reference_eval = ref.eval
                 result.wall_s = time.perf_counter() - round_start
                 tracking.log_metrics({f"doremi/avg_weight/{d}": w for d, w in result.weights.items()}
-                                     | {"doremi/distance_to_reference": result.distance})
+                                     | {"doremi/distance_to_reference": result.distance,
+                                        "doremi/split_half_distance": result.split_half})
                 tracking.log_json({"weights": result.weights, "reference_weights": reference_weights,
                                    "trajectory": result.trajectory}, "doremi_round.json")
             rounds.append(result)

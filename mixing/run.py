@@ -94,6 +94,8 @@ def run_mix(cfg: MixConfig, storage_cfg: StorageConfig | None = None, ray_cfg: R
 
             say(f"doremi: up to {cfg.doremi.rounds} round(s) of {cfg.doremi.proxy.steps} proxy steps")
             result = run_doremi(manifest, manifest_dir(cfg.manifest), cfg.doremi, storage)
+            for warning in result.stability_warnings():
+                say("warning: " + warning)
             mixture = result.to_mixture(manifest)
             export = result.to_doremi_json()
         else:

@@ -98,6 +98,8 @@ def test_mixing_known_optimum_tiny_prints_its_json(scenario, extra):
     # one round: reference + proxy, each doremi_steps steps of scale times the scored runs' batch
     assert out["doremi_steps"] == (9 if extra else out["steps"])
     assert out["budget"]["doremi"] == out["budget"]["doremi_uniform_ref"] == scale * 2 * out["doremi_steps"]
+    assert [len(out["doremi_split_half"][m]) for m in ("doremi", "doremi_uniform_ref")] == [1, 1]  # one per round
+    assert all(0.0 <= d <= 1.0 for m in ("doremi", "doremi_uniform_ref") for d in out["doremi_split_half"][m])
     for key in ("regret", "gap_uniform_to_optimum", "budget", "optimum_weights", "weights"):
         assert key in out, key
     assert set(out["regret"]) == set(METHODS) and set(out["budget"]) == set(METHODS)

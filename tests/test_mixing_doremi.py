@@ -11,8 +11,9 @@ import torch
 
 from infra.config import DoReMiConfig, MixConfig, ProxyConfig
 from infra.contracts import Mixture, load_mixture, write_artifact
-from mixing.doremi import (doremi_update, dro_loss, excess_loss, repetition_caps, update_excess,
-                           resolve_reference_weights, run_doremi, train_dro_proxy)
+from mixing.doremi import (UNSTABLE_SPLIT_HALF, DoReMiResult, RoundResult, doremi_update, dro_loss, excess_loss,
+                           repetition_caps, resolve_reference_weights, run_doremi, split_half_distance,
+                           train_dro_proxy, update_excess)
 from mixing.proxy import train_proxy
 from mixing.sampling import kl_project_capped, project_capped_simplex
 from tests.training_fixtures import write_tiny_corpus
@@ -90,6 +91,27 @@ def test_weights_stay_on_simplex_and_never_go_one_hot():
         assert float(alpha.max()) <= 1 - (k - 1) * c / k + 1e-12
 
 
+def test_split_half_distance_by_hand():
+    four = [{"a": 1.0, "b": 0.0}, {"a": 0.8, "b": 0.2}, {"a": 0.2, "b": 0.8}, {"a": 0.4, "b": 0.6}]
+    assert split_half_distance(four) == pytest.approx(0.6)  # a: 0.9 vs 0.3
+    three = [{"a": 1.0, "b": 0.0}, {"a": 0.5, "b": 0.5}, {"a": 0.0, "b": 1.0}]
+    assert split_half_distance(three) == pytest.approx(0.75)  # the middle step goes to the second half
+    assert split_half_distance([{"a": 0.3, "b": 0.7}] * 9) == 0.0
+    assert split_half_distance(four[:1]) == 0.0
+
+
+def test_unstable_rounds_are_warned_about():
+    steady = [{"a": 0.5, "b": 0.5}] * 10
+    swinging = [{"a": 0.99, "b": 0.01}] * 5 + [{"a": 0.01, "b": 0.99}] * 5
+    rounds = [RoundResult(reference_weights={"a": 0.5, "b": 0.5}, weights={"a": 0.5, "b": 0.5}, trajectory=t,
+                          steps=len(t)) for t in (steady, swinging)]
+    result = DoReMiResult(weights=rounds[-1].weights, rounds=rounds, config=DoReMiConfig(eta=1.0), converged=False)
+    assert [r.split_half for r in rounds] == [0.0, pytest.approx(0.98)]
+    warnings = result.stability_warnings()
+    assert len(warnings) == 1 and warnings[0].startswith("doremi round 2: unstable weights")
+    assert "0.98" in warnings[0] and "eta=1" in warnings[0]
+
+
 def test_proxy_and_reference_are_scored_on_the_identical_draw(tmp_path):
     corpus = write_tiny_corpus(tmp_path, ["alpha", "beta", "gamma"])
     proxy_cfg = ProxyConfig(**TINY, steps=4)
@@ -157,6 +179,9 @@ def test_doremi_end_to_end_writes_mixture_and_mlflow_metrics(tmp_path, mlflow_ur
     loaded = load_mixture(path)
     assert isinstance(loaded, Mixture) and loaded.method == "doremi"
     assert loaded.details["eta"] == 1.0 and loaded.details["rounds"] == 2 and loaded.details["steps"] == steps
+    assert loaded.details["round_split_half"] == pytest.approx([split_half_distance(r.trajectory)
+                                                                for r in result.rounds])
+    assert len(loaded.details["stability_warnings"]) == sum(r.split_half > UNSTABLE_SPLIT_HALF for r in result.rounds)
     assert loaded.reference_weights == pytest.approx(resolve_reference_weights(corpus.manifest, "natural"))
     shaped = result.to_doremi_json()
     assert set(shaped) == {"train_domain_weights", "eval_domain_weights"}
