@@ -300,6 +300,18 @@ def doremi_excess(client, mix_run_id: str) -> pd.DataFrame:
     return _step_series(client, mix_run_id, "doremi/excess/", "excess")
 
 
+def doremi_stability(mixture: dict | None) -> pd.DataFrame:
+    """(round, split_half, limit, stable) from a DoReMi mixture.json's details: per round, how far
+    its weights averaged over the first and second half of the proxy's steps lie apart
+    (mixing.doremi.split_half_distance). Empty for mixtures written before it was recorded."""
+    details = (mixture or {}).get("details") or {}
+    distances = details.get("round_split_half") or []
+    limit = details.get("split_half_limit")
+    return pd.DataFrame([{"round": i + 1, "split_half": float(d), "limit": limit,
+                          "stable": None if limit is None else bool(d <= limit)}
+                         for i, d in enumerate(distances)], columns=["round", "split_half", "limit", "stable"])
+
+
 def _child_of_stage(client, run_id: str, stage: str) -> pd.DataFrame:
     below = run_tree(client, run_id)
     return below[below["stage"] == stage].reset_index(drop=True)

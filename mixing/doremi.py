@@ -230,6 +230,7 @@ class DoReMiResult:
                 "round_weights": [r.weights for r in self.rounds],
                 "round_distance": [r.distance for r in self.rounds],
                 "round_split_half": [r.split_half for r in self.rounds],
+                "split_half_limit": UNSTABLE_SPLIT_HALF,
                 "stability_warnings": self.stability_warnings(),
                 "loss_weighting": "nelbo (CE / p(t))",
                 **self._repetition_details(manifest),

@@ -160,6 +160,8 @@ def build_synthetic_store(uri: str, artifact_root: Path, n_domains: int, experim
             mixture = {"weights": logged["final"], "method": "doremi", "reference_weights": logged["natural"],
                        "manifest_sha256": "0" * 64, "tokenizer_sha256": "0" * 64, "mlflow_run_id": mix.info.run_id,
                        "details": {"caps": {d: 0.5 for d in domains},
+                                   "round_split_half": [0.42], "split_half_limit": 0.1,
+                                   "stability_warnings": ["doremi round 1: unstable weights (synthetic)"],
                                    "repetition": {"max_epochs": 4.0, "r_star": 15.4, "domains": {
                                        d: {"proportion": float(w), "epochs": float(8 * w), "tokens": 1.0,
                                            "effective_tokens": 1.0, "efficiency": 1.0, "exceeds_cap": bool(8 * w > 4),

@@ -101,6 +101,11 @@ def test_mixtures_page_shows_the_logged_weights_trajectory_and_law(real_store, c
     assert sorted(trajectory["step"].unique()) == list(range(len(logged)))
     for row in trajectory.itertuples():
         assert row.weight == pytest.approx(logged[row.step][row.domain], abs=1e-12)
+    recorded = doremi.details
+    stability = table_with(at, "round", "split_half", "stable")
+    assert stability["split_half"].tolist() == pytest.approx(recorded["round_split_half"], abs=0)
+    assert stability["stable"].tolist() == [d <= recorded["split_half_limit"] for d in recorded["round_split_half"]]
+    assert [w.value for w in at.warning if w.value.startswith("doremi round")] == recorded["stability_warnings"]
     excess = frame_with(chart_frames(at), "step", "excess")[0]
     proxy = data.descendants(runs, rnd).query("stage == 'doremi_proxy'")["run_id"].iloc[0]
     for d in domains:
@@ -345,6 +350,10 @@ def test_pages_render_synthetic_30_domains(monkeypatch, tmp_path):
     at = run_page("mixtures", uri, monkeypatch, experiments=["thirty"])
     table = table_with(at, "domain", "natural", "uniform").set_index("domain")
     assert table.shape[0] == 30 and table["natural"].to_dict() == logged["natural"]
+    # DoReMi's stability as its mixture.json records it: the warning, and the split-half table.
+    assert [w.value for w in at.warning] == ["doremi round 1: unstable weights (synthetic)"]
+    stability = table_with(at, "round", "split_half", "stable")
+    assert stability.to_dict("records") == [{"round": 1, "split_half": 0.42, "limit": 0.1, "stable": False}]
 
 
 # --------------------------------------------------------------------------- empty and in progress

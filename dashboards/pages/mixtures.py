@@ -42,6 +42,15 @@ if sel is not None:
         pick = st.selectbox("DoReMi run", [m.label for m in doremi], key="doremi-run")
         run = next(m for m in doremi if m.label == pick)
         st.markdown(f"MLflow: {common.run_link(sel, run.run_id, run.label)}")
+        for warning in ((run.mixture or {}).get("details") or {}).get("stability_warnings") or []:
+            st.warning(warning)
+        stability = data.doremi_stability(run.mixture)
+        if not stability.empty:
+            st.dataframe(stability, hide_index=True, key=f"doremi-stability-{run.run_id[:8]}", column_config={
+                "split_half": st.column_config.NumberColumn(
+                    format="%.3f", help="max over domains of |mean α over the proxy's first half of steps − "
+                                        "mean α over its second half|: above the limit the averaged weights "
+                                        "depend on the run's noise")})
         trajectory = common.cached(data.doremi_trajectory, sel.uri, run.run_id)
         if trajectory.empty:
             st.info("No doremi/weight/<domain> steps logged yet for this run.")
