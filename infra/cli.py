@@ -112,8 +112,10 @@ def pipeline_run(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt,
 
 def _weights_table(mixture) -> str:
     ref = mixture.reference_weights or {}
-    lines = [f"{'domain':<16} {'weight':>8} {'natural':>8}"]
-    lines += [f"{d:<16} {w:>8.4f} {ref.get(d, float('nan')):>8.4f}" for d, w in sorted(mixture.weights.items())]
+    # DoReMi's reference weights are whatever mix.doremi.reference_weights named; the others record natural.
+    ref_label = "reference" if mixture.method == "doremi" else "natural"
+    lines = [f"{'domain':<16} {'weight':>8} {ref_label:>9}"]
+    lines += [f"{d:<16} {w:>8.4f} {ref.get(d, float('nan')):>9.4f}" for d, w in sorted(mixture.weights.items())]
     return "\n".join(lines)
 
 
@@ -132,6 +134,10 @@ def _mix(method: str, config: Path, set_: Optional[list[str]], verbose: bool) ->
         from mixing.run import doremi_export_path
 
         typer.echo(f"DoReMi-shaped export: {doremi_export_path(cfg.mix.output)}")
+        limit = mixture.details["split_half_limit"]
+        for i, distance in enumerate(mixture.details["round_split_half"]):
+            typer.echo(f"round {i + 1}: split-half distance {distance:.3f} "
+                       f"({'stable' if distance <= limit else 'UNSTABLE'}: limit {limit})")
     if method == "laws":
         details = mixture.details
         intervals = (details.get("intervals") or {}).get("loss", {})

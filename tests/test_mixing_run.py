@@ -165,3 +165,10 @@ def test_cli_mix_doremi_and_laws_end_to_end(tmp_path):
         mixture = load_mixture(str(out))
         assert mixture.method == verb and sum(mixture.weights.values()) == pytest.approx(1.0)
         assert set(mixture.weights) == {"alpha", "beta", "gamma"}
+        if verb == "doremi":  # the table's third column is the reference DoReMi ran against, and its stability
+            header = next(line for line in done.stdout.splitlines() if line.startswith("domain"))
+            assert header.split() == ["domain", "weight", "reference"]
+            [distance] = mixture.details["round_split_half"]
+            stable = "stable" if distance <= mixture.details["split_half_limit"] else "UNSTABLE"
+            assert f"round 1: split-half distance {distance:.3f} ({stable}" in done.stdout
+            assert ("warning: doremi round 1: unstable weights" in done.stderr) == (stable == "UNSTABLE")
