@@ -358,7 +358,17 @@ def across_seeds(runs: list[dict]) -> dict:
     for m in methods:
         cells = [f"{v['mean']:+.4f} ± {v['sd']:.4f} ({v['below_uniform']}/{len(runs)})" for v in versus[m].values()]
         print(f"{m:<18} " + " ".join(f"{c:>26}" for c in cells))
+    from mixing.doremi import UNSTABLE_SPLIT_HALF
+
+    # DoReMi's last round per seed (one-seed summaries written before it was recorded have none).
+    split_half = {m: [r["doremi_split_half"][m][-1] for r in runs if "doremi_split_half" in r]
+                  for m in ("doremi", "doremi_uniform_ref")}
+    for m, values in split_half.items():
+        if values:
+            print(f"{m} split-half distance: mean {np.mean(values):.3f}, max {max(values):.3f}, "
+                  f"above {UNSTABLE_SPLIT_HALF} in {sum(v > UNSTABLE_SPLIT_HALF for v in values)}/{len(values)} seeds")
     return {"bench": "mixing_known_optimum", "scenario": runs[0]["scenario"], "seeds": [r["seed"] for r in runs],
+            "doremi_split_half": split_half,
             "regret": {m: float(np.mean([r["regret"][m] for r in runs])) for m in methods},
             "gap_uniform_to_optimum": float(np.mean([r["gap_uniform_to_optimum"] for r in runs])),
             "budget": runs[0]["budget"], "versus_uniform": versus, "runs": runs,

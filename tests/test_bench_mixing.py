@@ -125,7 +125,11 @@ def test_across_seeds_pairs_each_method_with_uniform_by_seed():
                 "gap_uniform_to_optimum": uniform - 1.0, "regret": {m: v - 1.0 for m, v in losses.items()},
                 "target_loss": losses, "average_loss": losses, "worst_loss": {m: v + 1 for m, v in losses.items()}}
 
-    out = bench.across_seeds([run(0, 2.0, 1.9), run(1, 3.0, 3.2), run(2, 2.5, 2.4)])
+    runs = [run(0, 2.0, 1.9), run(1, 3.0, 3.2), run(2, 2.5, 2.4)]
+    for r, last in zip(runs[1:], (0.05, 0.3)):  # seed 0's summary predates the split-half record
+        r["doremi_split_half"] = {"doremi": [0.9, last], "doremi_uniform_ref": [last / 2]}
+    out = bench.across_seeds(runs)
+    assert out["doremi_split_half"] == {"doremi": [0.05, 0.3], "doremi_uniform_ref": [0.025, 0.15]}  # last rounds
     diff = out["versus_uniform"]["doremi"]["average_loss"]
     assert diff["per_seed"] == pytest.approx([-0.1, 0.2, -0.1])  # paired: each seed's own uniform
     assert diff["mean"] == pytest.approx(0.0) and diff["sd"] == pytest.approx(np.std([-0.1, 0.2, -0.1], ddof=1))
