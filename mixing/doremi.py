@@ -52,9 +52,14 @@ second seed gives other weights. Measured on the known-optimum bench's junk corp
 steps of batch 16 × 64 tokens, uniform reference), four runs with other seeds for the reference and
 the proxy: at η = 1 the split-half distances were 0.06, 0.13, 0.22 and 0.47, and the four runs'
 weights spanned up to 0.31 per domain (markov 0.33–0.63, noise 0.08–0.28); at η = 0.1 they were
-0.01–0.06, and the weights spanned 0.17 (markov 0.42–0.59), the other domains 0.08 or less. The
-distance is a one-run hint, not a proof: one of the η = 1 runs was steady by it. A round above
-``UNSTABLE_SPLIT_HALF`` gets a warning in the mixture's details and on the console.
+0.01–0.06, and the weights spanned 0.17 (markov 0.42–0.59), the other domains 0.08 or less. Over
+the bench's ten junk corpora at η = 0.1 the distances were still 0.03–0.39: with a small η the
+weights are still drifting after 300 steps. Noise is not the only cause: the proxy starts from
+scratch against a trained reference, so for its first ~100 steps every excess is 0.3–1.5 nats, and
+at η = 1 their differences drive α near one-hot, a state that the later excesses, ~0.05 nats,
+take long to undo. Halving the noise (4× the batch, five junk corpora) left the distances at
+0.12–0.49. The distance is a one-run hint, not a proof: one of the η = 1 runs was steady by it. A
+round above ``UNSTABLE_SPLIT_HALF`` gets a warning in the mixture's details and on the console.
 
 Every step logs doremi/weight/<d>, doremi/excess/<d>, doremi/proxy_loss/<d>, doremi/ref_loss/<d>
 to the round's MLflow child run (stage "doremi_round"); the reference and proxy trainings are
