@@ -219,7 +219,8 @@ class DoReMiResult:
                 out.append(f"doremi round {i + 1}: unstable weights: their averages over the first and second "
                            f"half of the proxy's {r.steps} steps differ by up to {r.split_half:.2f} "
                            f"(> {UNSTABLE_SPLIT_HALF}); the excess loss is too noisy for eta={self.config.eta:g}: "
-                           "lower mix.doremi.eta (e.g. 0.1) or raise the proxy's batch_size or steps")
+                           f"lower mix.doremi.eta (e.g. {self.config.eta / 10:g}) or raise the proxy's batch_size "
+                           "or steps")
         return out
 
     def to_mixture(self, manifest: Manifest) -> Mixture:

@@ -109,7 +109,7 @@ def test_unstable_rounds_are_warned_about():
     assert [r.split_half for r in rounds] == [0.0, pytest.approx(0.98)]
     warnings = result.stability_warnings()
     assert len(warnings) == 1 and warnings[0].startswith("doremi round 2: unstable weights")
-    assert "0.98" in warnings[0] and "eta=1" in warnings[0]
+    assert "0.98" in warnings[0] and "eta=1" in warnings[0] and "(e.g. 0.1)" in warnings[0]
 
 
 def test_proxy_and_reference_are_scored_on_the_identical_draw(tmp_path):
