@@ -300,11 +300,16 @@ def doremi_excess(client, mix_run_id: str) -> pd.DataFrame:
     return _step_series(client, mix_run_id, "doremi/excess/", "excess")
 
 
+def mixture_details(mixture: dict | None) -> dict:
+    """mixture.json's method-specific details ({} for a run still in progress or a mixture without)."""
+    return (mixture or {}).get("details") or {}
+
+
 def doremi_stability(mixture: dict | None) -> pd.DataFrame:
     """(round, split_half, limit, stable) from a DoReMi mixture.json's details: per round, how far
     its weights averaged over the first and second half of the proxy's steps lie apart
     (mixing.doremi.split_half_distance). Empty for mixtures written before it was recorded."""
-    details = (mixture or {}).get("details") or {}
+    details = mixture_details(mixture)
     distances = details.get("round_split_half") or []
     limit = details.get("split_half_limit")
     return pd.DataFrame([{"round": i + 1, "split_half": float(d), "limit": limit,
@@ -375,7 +380,7 @@ def repetition_table(mixture: dict | None) -> pd.DataFrame:
     """Epochs per domain against the repetition cap, from mixture.json's details.repetition:
     (domain, proportion, epochs, max_epochs, proportion_cap, exceeds_cap)."""
     cols = ["domain", "proportion", "epochs", "max_epochs", "proportion_cap", "exceeds_cap"]
-    rep = ((mixture or {}).get("details") or {}).get("repetition")
+    rep = mixture_details(mixture).get("repetition")
     if not rep or not rep.get("domains"):
         return pd.DataFrame(columns=cols)
     rows = [{"domain": d, "proportion": v["proportion"], "epochs": v["epochs"], "max_epochs": rep.get("max_epochs"),

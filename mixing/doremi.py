@@ -215,9 +215,10 @@ class DoReMiResult:
         """One line per round whose averaged weights are unstable (split-half distance above the limit)."""
         out = []
         for i, r in enumerate(self.rounds):
-            if r.split_half > UNSTABLE_SPLIT_HALF:
+            distance = r.split_half  # computed from the trajectory: once per round
+            if distance > UNSTABLE_SPLIT_HALF:
                 out.append(f"doremi round {i + 1}: unstable weights: their averages over the first and second "
-                           f"half of the proxy's {r.steps} steps differ by up to {r.split_half:.2f} "
+                           f"half of the proxy's {r.steps} steps differ by up to {distance:.2f} "
                            f"(> {UNSTABLE_SPLIT_HALF}); the excess loss is too noisy for eta={self.config.eta:g}: "
                            f"lower mix.doremi.eta (e.g. {self.config.eta / 10:g}) or raise the proxy's batch_size "
                            "or steps")

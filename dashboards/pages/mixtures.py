@@ -42,7 +42,7 @@ if sel is not None:
         pick = st.selectbox("DoReMi run", [m.label for m in doremi], key="doremi-run")
         run = next(m for m in doremi if m.label == pick)
         st.markdown(f"MLflow: {common.run_link(sel, run.run_id, run.label)}")
-        for warning in ((run.mixture or {}).get("details") or {}).get("stability_warnings") or []:
+        for warning in data.mixture_details(run.mixture).get("stability_warnings") or []:
             st.warning(warning)
         stability = data.doremi_stability(run.mixture)
         if not stability.empty:
