@@ -15,7 +15,9 @@ PYTEST_ARGS ?=
 # once per file). Serially the suite leaves the cores idle 30% of the time (process start-ups);
 # with two workers they are busy 93%, but the work grows by contention, so the gain is modest
 # (2 cores, clean clones: pytest 25-27 min serial, 23.5-26 min this way; the load test is the
-# long pole). PYTEST_WORKERS=0 runs it serially.
+# long pole). Files go out longest first (tests/conftest.py LONG_POLES; --no-loadscope-reorder
+# keeps that order), and each worker's torch gets its share of the cores (conftest.py).
+# PYTEST_WORKERS=0 runs it serially.
 PYTEST_WORKERS ?= 2
 
 .PHONY: demo test install install-dev browser clean
@@ -48,7 +50,7 @@ browser:
 	fi
 
 test: $(VENV)/.installed-dev browser
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache demo-out mlflow.db mlruns

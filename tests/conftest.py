@@ -58,6 +58,25 @@ def _isolate_environment() -> None:
 _isolate_environment()
 
 
+def _share_cores_between_workers() -> None:
+    """Under pytest-xdist, each worker (and every process it starts) gets its share of the cores.
+
+    torch's OpenMP threads spin while they wait for work, so two workers that each run torch on
+    every core run far slower than their share: the HMM test (tests/test_training_hmm.py, 2 cores)
+    takes 53 s alone, 207 s beside a copy of itself with 2 threads each, 76 s with 1 thread each.
+    Set before torch is imported (here, at conftest import); children inherit the variables.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers < 2:
+        return
+    share = str(max(1, len(os.sched_getaffinity(0)) // workers))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(name, share)
+
+
+_share_cores_between_workers()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_environment():
     """Session-wide: the isolation above is in place for every test (re-applied if a plugin undid it)."""
@@ -68,7 +87,32 @@ def isolated_environment():
 # --------------------------------------------------------------------------- markers
 
 
+# The files that take longest (pytest --durations on clean-clone CI runs, 2 cores), longest first.
+# `make test` runs files on two workers in collection order (--no-loadscope-reorder); xdist's
+# default order, most tests first, left these single-test files to the end, where one worker ran
+# them alone for minutes while the other sat idle. Longest first evens out the two workers' ends.
+LONG_POLES = (
+    "tests/reliability/test_load.py",
+    "tests/reliability/test_ray_worker_killed.py",
+    "tests/test_training_hmm.py",
+    "tests/reliability/test_pipeline_killed.py",
+    "tests/reliability/test_mlflow_outage.py",
+    "tests/test_s3_everywhere.py",
+    "tests/reliability/test_hostile_corpus.py",
+    "tests/test_mixing_run.py",
+    "tests/test_training_launch.py",
+    "tests/test_service.py",
+    "tests/test_dashboard_browser.py",
+)
+
+
+def _long_poles_first(items) -> None:
+    rank = {path: i for i, path in enumerate(LONG_POLES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(LONG_POLES)))  # stable: files keep their order
+
+
 def pytest_collection_modifyitems(config, items):
+    _long_poles_first(items)
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return
