@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -38,33 +39,41 @@ def stack(tmp_path_factory):
         yield st
 
 
-def _pipeline_config(root, corpus, i: int):
+def _mlflow_store(root, name: str, template) -> str:
+    """A copy of the suite's migrated sqlite DB (tests/conftest.py) for one job: twenty jobs each
+    migrating an empty one cost over a minute of CPU on the head, none of it the load under test."""
+    shutil.copyfile(template, root / name)
+    return f"sqlite:///{root / name}"
+
+
+def _pipeline_config(root, corpus, i: int, template):
     path = root / f"pipeline-{i:02d}.yaml"
     path.write_text(yaml.safe_dump({
-        "ray": {"num_cpus": 1}, "tracking": {"uri": f"sqlite:///{root}/mlflow-pipeline-{i:02d}.db"},
+        "ray": {"num_cpus": 1}, "tracking": {"uri": _mlflow_store(root, f"mlflow-pipeline-{i:02d}.db", template)},
         "pipeline": {"inputs": [{"path": str(corpus), "domain_field": "domain"}], "output_dir": str(root / f"p{i:02d}"),
                      "word_count_filter": {"min_words": 5}, "tokenizer": {"vocab_size": 300}}}))
     return path
 
 
-def _train_config(root, manifest: str, i: int):
+def _train_config(root, manifest: str, i: int, template):
     path = root / f"train-{i:02d}.yaml"
     path.write_text(yaml.safe_dump({
-        "tracking": {"uri": f"sqlite:///{root}/mlflow-train-{i:02d}.db"},
+        "tracking": {"uri": _mlflow_store(root, f"mlflow-train-{i:02d}.db", template)},
         "train": {"manifest": manifest, "output_dir": str(root / f"t{i:02d}"), "model": {"preset": "test"},
                   "seq_len": 32, "micro_batch_size": 4, "steps": 3, "warmup_steps": 1, "lr": 1e-3,
                   "zero_stage": 0, "checkpoint_every": 3, "seed": 0, "eval": {"mc_samples": 1}}}))
     return path
 
 
-def test_twenty_concurrent_jobs_all_finish_with_correct_results(stack, tmp_path):
+def test_twenty_concurrent_jobs_all_finish_with_correct_results(stack, tmp_path, _mlflow_template_db):
     from pipelines.demo_corpus import harvest
 
     corpus = tmp_path / "corpus"
     harvest(corpus, domains=("code",), max_bytes_per_domain=40_000)
     tiny = write_tiny_corpus(tmp_path / "tiny", vocab_size=32)
-    configs = [("pipeline", _pipeline_config(tmp_path, corpus, i)) for i in range(N_PIPELINES)]
-    configs += [("train", _train_config(tmp_path, tiny.manifest_path, i)) for i in range(N_TRAININGS)]
+    configs = [("pipeline", _pipeline_config(tmp_path, corpus, i, _mlflow_template_db)) for i in range(N_PIPELINES)]
+    configs += [("train", _train_config(tmp_path, tiny.manifest_path, i, _mlflow_template_db))
+                for i in range(N_TRAININGS)]
 
     token = open(stack["token_path"]).read().strip()
     started = time.monotonic()

@@ -22,7 +22,7 @@ import pytest
 
 from pipelines.stage_store import MARKER, STAGES_DIR, StageStore
 from tests.reliability.faults import PythonProcess
-from tests.reliability.test_ray_worker_killed import corpus, finish, outputs, start_until  # noqa: F401
+from tests.reliability.test_ray_worker_killed import clean, corpus, finish, outputs, start_until  # noqa: F401
 
 pytestmark = [pytest.mark.slow]
 
@@ -68,12 +68,6 @@ def kill_tree(proc: PythonProcess) -> int:
     return len(tree)
 
 
-@pytest.fixture(scope="module")
-def clean(corpus):  # noqa: F811
-    finish(corpus, "clean-p")
-    return outputs(corpus / "clean-p")
-
-
 @pytest.mark.parametrize("stage", ["exact_dedup", "tokenize_shard"])
 def test_pipeline_sigkilled_mid_stage_resumes_identical(corpus, clean, stage):  # noqa: F811
     name = f"sigkill-{stage}"
@@ -88,8 +82,9 @@ def test_pipeline_sigkilled_mid_stage_resumes_identical(corpus, clean, stage):  
     output = finish(corpus, name).output
     seconds = time.monotonic() - started
     got = outputs(out)
-    assert got.keys() == clean.keys()
-    assert [k for k in got if got[k] != clean[k]] == []  # byte-identical, file by file
+    reference, _ = clean
+    assert got.keys() == reference.keys()
+    assert [k for k in got if got[k] != reference[k]] == []  # byte-identical, file by file
     # The stages before the killed one were loaded from their checkpoints, not run again.
     from pipelines.stage_store import STAGES
 

@@ -41,19 +41,33 @@ VICTIMS = {
 }
 
 
-@pytest.fixture(scope="module")
+def shared_folder(tmp_path_factory, name: str) -> Path:
+    """``name`` under a folder every pytest-xdist worker of this run sees (their base temps share a
+    parent), so that this file and tests/reliability/test_pipeline_killed.py, which may run on
+    different workers, share one corpus and one clean run."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+
+
+@pytest.fixture(scope="session")
 def corpus(tmp_path_factory, _mlflow_template_db):
+    from filelock import FileLock
+
     from pipelines.synthetic import default_domains, generate_corpus, plant_near_duplicates, write_jsonl
 
-    root = tmp_path_factory.mktemp("ray-kill")
-    domains = default_domains(seed=7, vocab_size=64, doc_length=(60, 120))[:2]
-    records = generate_corpus(domains, docs_per_domain=1500, seed=7)
-    records, _ = plant_near_duplicates(records, fraction=0.1, edit_rate=0.02, rng=np.random.default_rng(3))
-    for i in range(4):
-        write_jsonl(records[i::4], root / "in" / f"part-{i}.jsonl")
-    # Each run's MLflow store starts as a copy of the suite's migrated sqlite DB (tests/conftest.py):
-    # migrating a fresh one takes minutes on a loaded machine.
-    shutil.copyfile(_mlflow_template_db, root / "mlflow-template.db")
+    root = shared_folder(tmp_path_factory, "ray-kill")
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{root}.lock"):
+        if not (root / "corpus.ready").exists():
+            domains = default_domains(seed=7, vocab_size=64, doc_length=(60, 120))[:2]
+            records = generate_corpus(domains, docs_per_domain=1500, seed=7)
+            records, _ = plant_near_duplicates(records, fraction=0.1, edit_rate=0.02, rng=np.random.default_rng(3))
+            for i in range(4):
+                write_jsonl(records[i::4], root / "in" / f"part-{i}.jsonl")
+            # Each run's MLflow store starts as a copy of the suite's migrated sqlite DB
+            # (tests/conftest.py): migrating a fresh one takes minutes on a loaded machine.
+            shutil.copyfile(_mlflow_template_db, root / "mlflow-template.db")
+            (root / "corpus.ready").touch()
     return root
 
 
@@ -126,10 +140,17 @@ def run(root: Path, name: str) -> tuple[PythonProcess, float]:
     return proc, time.monotonic() - started
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def clean(corpus):
-    _, seconds = run(corpus, "clean")
-    return outputs(corpus / "clean"), seconds
+    """A clean run's outputs and wall seconds: one run for both kill files (whichever asks first)."""
+    from filelock import FileLock
+
+    done = corpus / "clean.seconds"
+    with FileLock(f"{corpus}/clean.lock"):
+        if not done.exists():
+            _, seconds = run(corpus, "clean")
+            done.write_text(str(seconds))
+    return outputs(corpus / "clean"), float(done.read_text())
 
 
 def worker_running(driver_pid: int, function: str) -> psutil.Process | None:
