@@ -89,10 +89,10 @@ def isolated_environment():
 
 # The files that take longest (pytest --durations on clean-clone CI runs, 2 cores), longest first.
 # `make test` runs files on two workers in collection order (--no-loadscope-reorder); xdist's
-# default order, most tests first, left single-test files to the end (the 5-minute HMM test among them),
-# where the last 3% of the tests took ~8 of 32 minutes. Longest first evens out the workers' ends,
-# at a price: the Ray-heavy load and kill tests now overlap and slow each other (pytest 31 min, with
-# the per-worker thread share above; measured once each on a loaded machine).
+# default order, most tests first, left single-test files to the end (the 5-minute HMM test
+# among them), where the last 3% of the tests took ~8 of 32 minutes. Longest first evens out the
+# workers' ends, at a price: the Ray-heavy load and kill tests now overlap and slow each other
+# (pytest 31 min, with the per-worker thread share above; each measured once, on a loaded machine).
 LONG_POLES = (
     "tests/reliability/test_load.py",
     "tests/reliability/test_ray_worker_killed.py",
