@@ -92,7 +92,7 @@ def isolated_environment():
 # default order, most tests first, left single-test files to the end (the 5-minute HMM test
 # among them), where the last 3% of the tests took ~8 of 32 minutes. Longest first evens out the
 # workers' ends, at a price: the Ray-heavy load and kill tests now overlap and slow each other
-# (pytest 31 min, with the per-worker thread share above; each measured once, on a loaded machine).
+# (pytest 29-31 min with the per-worker thread share above, against 32 min before; a loaded machine).
 LONG_POLES = (
     "tests/reliability/test_load.py",
     "tests/reliability/test_ray_worker_killed.py",
