@@ -33,15 +33,19 @@ from tests.training_fixtures import write_tiny_corpus
 
 
 STEPS = 30
+# The training holds after this step until the server is down: unheld, a fast training could finish
+# all its steps before step 3 reached a loaded server, leaving no steps for the outage.
+HOLD_AT = 5
 
 TRAIN_SCRIPT = r"""
-import json, logging, sys
+import json, logging, os, sys, time
 import mlflow
 from infra import tracking
 from infra.config import MaskmixConfig
 from infra.stages import run_train_stage
 
 uri, manifest, output_dir, steps, export = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
+gate = sys.argv[6]  # training holds after step HOLD_AT until the test creates this file (server killed by then)
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
 # The train stage as `maskmix train` runs it (infra.stages: its MLflow run, the trainer, the end tags).
 cfg = MaskmixConfig.model_validate({
@@ -57,6 +61,9 @@ def progress(message):
         said.append(1)
         print("RUN", mlflow.active_run().info.run_id, flush=True)
     print(message, flush=True)
+    if message.startswith("step HOLD_AT/"):
+        while not os.path.exists(gate):
+            time.sleep(0.05)
 
 result = run_train_stage(cfg, progress=progress)
 print("RESULT", json.dumps({"steps": result.steps, "losses": result.losses, "lost": result.metrics_lost}), flush=True)
@@ -89,12 +96,14 @@ def history(uri: str, run_id: str, key: str = "train/loss") -> dict[int, float]:
 
 def start_training(tmp_path, server: MlflowServer, flush_wait_s: float, export: bool = False) -> PythonProcess:
     corpus = write_tiny_corpus(tmp_path / "corpus", ["alpha", "beta"])
-    return PythonProcess(TRAIN_SCRIPT, [server.uri, corpus.manifest_path, tmp_path / "run", STEPS, int(export)],
+    return PythonProcess(TRAIN_SCRIPT.replace("HOLD_AT", str(HOLD_AT)),
+                         [server.uri, corpus.manifest_path, tmp_path / "run", STEPS, int(export), tmp_path / "gate"],
                          env=child_env(MASKMIX_MLFLOW_FLUSH_WAIT_S=str(flush_wait_s)))
 
 
-def kill_server_after_first_steps(server: MlflowServer, proc: PythonProcess, run_id: str) -> int:
-    """SIGKILL the server once step 3 is on it; returns the last step the trainer had printed."""
+def kill_server_after_first_steps(server: MlflowServer, proc: PythonProcess, run_id: str, gate) -> int:
+    """SIGKILL the server once step 3 is on it, then let the training (held at HOLD_AT) go on;
+    returns the last step the trainer had printed."""
     def step_3_on_server():
         if proc.proc.poll() is not None:  # a training that died is a failure now, not a 300 s wait
             raise AssertionError(f"training exited {proc.proc.returncode} before step 3:\n{proc.output[-4000:]}")
@@ -102,7 +111,9 @@ def kill_server_after_first_steps(server: MlflowServer, proc: PythonProcess, run
 
     wait_for(step_3_on_server, "step 3 of train/loss on the server")
     server.stop()
-    return last_step(proc)
+    killed_at = last_step(proc)
+    gate.touch()
+    return killed_at
 
 
 def test_sink_keeps_values_while_nothing_listens_and_reports_them_lost(tmp_path, caplog):
@@ -134,7 +145,7 @@ def test_metrics_buffered_through_outage_and_delivered(tmp_path):
         # The end-of-run flush may wait long for the server: delivery, not timing, is under test.
         with start_training(tmp_path, server, flush_wait_s=600) as proc:
             run_id = run_id_of(proc)
-            killed_at = kill_server_after_first_steps(server, proc, run_id)
+            killed_at = kill_server_after_first_steps(server, proc, run_id, tmp_path / "gate")
             # Training goes on while the server is down: five more steps, and the sink says it buffers.
             proc.wait_line(lambda l: "is unreachable" in l and "buffering" in l, "the buffering warning")
             proc.wait_line(lambda l: (step_of(l) or 0) >= killed_at + 5, f"step {killed_at + 5} during the outage")
@@ -164,7 +175,7 @@ def test_metrics_reported_lost_when_server_stays_down(tmp_path):
         # The run ends with an export (and a model registration) while the server is still down.
         with start_training(tmp_path, server, flush_wait_s=3, export=True) as proc:
             run_id = run_id_of(proc)
-            kill_server_after_first_steps(server, proc, run_id)
+            kill_server_after_first_steps(server, proc, run_id, tmp_path / "gate")
             output = proc.finish()  # exits 0 with the server still down
 
         result = result_of(proc)
